@@ -1,0 +1,77 @@
+"""Local trainers: how a client learns in one round.
+
+A trainer takes the model (holding the global weights), the client's data and the
+round's settings, trains in place and returns the mean training loss and the number of
+optimizer steps. Batches come from a private generator derived from
+(run seed, round, partition), so a run is reproducible whatever the scheduling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx: adds μ/2·‖w − w_global‖² to the local objective
+    device: str = "cpu"
+
+    @classmethod
+    def from_task(cls, task_cfg, device: str, **overrides) -> "TrainSettings":
+        base = dict(epochs=task_cfg.local_epochs, batch_size=task_cfg.batch_size, lr=task_cfg.lr,
+                    optimizer=task_cfg.optimizer, momentum=task_cfg.momentum,
+                    weight_decay=task_cfg.weight_decay, device=device)
+        base.update(overrides)
+        return cls(**base)
+
+
+def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    raise ValueError(f"unknown task.optimizer {s.optimizer!r}; choose 'sgd' or 'adam'")
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Index batches of one shuffled pass over ``n`` examples."""
+    perm = torch.randperm(n, generator=generator)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_sgd(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
+              generator: torch.Generator) -> tuple[float, int]:
+    """Mini-batch first-order training (SGD or Adam), optionally with FedProx's proximal term."""
+    model.train()
+    model.to(s.device)
+    Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if s.proximal_mu > 0 else None
+    opt = make_optimizer(params, s)
+    total, count, steps = 0.0, 0, 0
+    for _ in range(s.epochs):
+        for idx in epoch_batches(len(yt), s.batch_size, generator):
+            idx = idx.to(s.device)
+            loss = nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
+            total += float(loss) * len(idx)
+            count += len(idx)
+            if anchor is not None:
+                loss = loss + 0.5 * s.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+    return total / max(1, count), steps
+
+
+TRAINERS = {"sgd": train_sgd}

@@ -1,0 +1,214 @@
+"""The server's round loop: sample, send, decode and aggregate, evaluate, record, checkpoint.
+
+Flower's ``Strategy.start`` runs rounds too, but it has no hook for checkpoints, byte
+accounting or resuming; this loop calls the same four strategy methods
+(``configure_train``, ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``)
+in the same order and adds those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from stamen import protocol as P
+from stamen.config import StamenConfig
+from stamen.server.results import CheckpointError, RunDirectory, write_plots
+from stamen.sketching.codec import make_codec
+from stamen.strategies.registry import build_strategy
+from stamen.tasks.task import Task, evaluate, load_task, set_weights
+
+log = logging.getLogger("stamen.server")
+
+#: config keys that may differ between a run and its resumption
+RESUMABLE_CHANGES = {("run", "rounds"), ("run", "name"), ("run", "out_dir")}
+
+
+def resume_fingerprint(cfg: StamenConfig) -> str:
+    import hashlib
+
+    d = cfg.to_dict()
+    for section, key in RESUMABLE_CHANGES:
+        d[section].pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def discover_nodes(grid, expected: int, timeout: float) -> dict[int, int]:
+    """Wait for ``expected`` nodes, ask each its partition-id; return {partition-id: node-id}."""
+    deadline = time.monotonic() + timeout
+    while len(ids := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(ids)} of federation.clients={expected} nodes connected "
+                               f"within {timeout:.0f} s")
+        time.sleep(0.2)
+    msgs = [Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), message_type=P.QUERY_PARTITION,
+                    dst_node_id=nid) for nid in ids]
+    nodes: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition-id: "
+                               f"{reply.error.reason}")
+        pid = int(reply.content.config_records[P.META][P.PARTITION_ID])
+        if pid in nodes:
+            raise RuntimeError(f"two nodes ({nodes[pid]}, {reply.metadata.src_node_id}) claim partition-id {pid}")
+        nodes[pid] = reply.metadata.src_node_id
+    missing = sorted(set(range(expected)) - set(nodes))
+    if missing:
+        raise RuntimeError(f"no node reported partition-ids {missing[:10]} (federation.clients={expected})")
+    return nodes
+
+
+class _Bytes:
+    """Serialized sizes, computed once per distinct RecordDict (broadcasts share one)."""
+
+    def __init__(self):
+        self._seen: dict[int, int] = {}
+
+    def __call__(self, messages: list[Message]) -> int:
+        total = 0
+        for m in messages:
+            if m.has_error():
+                continue
+            key = id(m.content)
+            if key not in self._seen:
+                self._seen[key] = P.content_bytes(m.content)
+            total += self._seen[key]
+        return total
+
+
+def versions() -> dict[str, str]:
+    import flwr
+    import torch
+
+    from importlib.metadata import version
+
+    return {"stamen": version("stamen"), "flwr": flwr.__version__ if hasattr(flwr, "__version__") else version("flwr"),
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool = False,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid``; write the run directory; return the summary."""
+    run = RunDirectory(out_dir)
+    task = load_task(cfg.task, cfg.federation.clients, cfg.run.seed)
+    strategy = build_strategy(cfg)
+    codec = make_codec(cfg.compression.codec, **cfg.compression.options())
+    model = task.new_model()
+
+    start, rows, arrays = 1, [], task.initial_weights()
+    if resume:
+        start, rows, arrays, strategy_state = _load_resume_state(run, cfg)
+    else:
+        run.path.mkdir(parents=True, exist_ok=True)
+        from stamen.server.results import atomic_write
+
+        atomic_write(run.config_path, cfg.to_toml())
+        run.write_metrics([])
+        strategy_state = None
+
+    timeout = cfg.federation.round_timeout_s
+    nodes = discover_nodes(grid, cfg.federation.clients, timeout)
+    strategy.bind(seed=cfg.run.seed, nodes=nodes, layout=task.layout, codec=codec,
+                  fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate)
+    if strategy_state is not None:
+        strategy.load_state_dict(strategy_state)
+
+    count_bytes = _Bytes()
+    current = P.to_array_record(arrays)
+    for rnd in range(start, cfg.run.rounds + 1):
+        t0 = time.perf_counter()
+        messages = list(strategy.configure_train(rnd, current, ConfigRecord(), grid))
+        down = count_bytes(messages)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        up = count_bytes(replies)
+        new, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new is not None:
+            current = new
+        row: dict[str, Any] = {
+            "round": rnd,
+            "clients": len(strategy.last_participants),
+            "rejected": len(strategy.last_rejected),
+            "uplink_bytes": up,
+            "downlink_bytes": down,
+            "train_loss": _metric(train_metrics, "train_loss"),
+        }
+        row.update(_federated_evaluation(strategy, rnd, current, grid, timeout, count_bytes))
+        if rnd % cfg.eval.every == 0 or rnd == cfg.run.rounds:
+            set_weights(model, P.from_array_record(current))
+            loss, acc = evaluate(model, *task.data.test, cfg.eval.batch_size)
+            row.update(test_loss=loss, test_accuracy=acc)
+        else:
+            row.update(test_loss=None, test_accuracy=None)
+        row["wall_s"] = time.perf_counter() - t0
+        rows.append(row)
+        run.write_metrics(rows)
+        run.save_checkpoint({"round": rnd, "arrays": P.from_array_record(current),
+                             "strategy": strategy.state_dict(), "fingerprint": resume_fingerprint(cfg)})
+        if on_round:
+            on_round(row)
+
+    summary = _summary(cfg, rows, task)
+    run.write_summary(summary)
+    write_plots(run)
+    return summary
+
+
+def _load_resume_state(run: RunDirectory, cfg: StamenConfig):
+    ck = run.load_checkpoint()
+    if ck.get("fingerprint") != resume_fingerprint(cfg):
+        raise CheckpointError(f"checkpoint {run.checkpoint_path} was written by a different config "
+                              f"(only {sorted('.'.join(k) for k in RESUMABLE_CHANGES)} may change on resume)")
+    done = int(ck["round"])
+    rows = [r for r in run.read_metrics() if r["round"] <= done]
+    if [r["round"] for r in rows] != list(range(1, done + 1)):
+        raise CheckpointError(f"{run.metrics_path} lacks rounds up to the checkpoint's round {done}")
+    return done + 1, rows, ck["arrays"], ck["strategy"]
+
+
+def _federated_evaluation(strategy, rnd, current, grid, timeout, count_bytes) -> dict[str, Any]:
+    messages = list(strategy.configure_evaluate(rnd, current, ConfigRecord(), grid))
+    if not messages:
+        return {}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    metrics = strategy.aggregate_evaluate(rnd, replies)
+    return {"eval_downlink_bytes": count_bytes(messages), "eval_uplink_bytes": count_bytes(replies),
+            "federated_eval_loss": _metric(metrics, "eval_loss"),
+            "federated_eval_accuracy": _metric(metrics, "eval_accuracy")}
+
+
+def _metric(record, key: str):
+    if record is None or key not in record:
+        return None
+    v = float(record[key])
+    return v if math.isfinite(v) else None
+
+
+def _summary(cfg: StamenConfig, rows: list[dict[str, Any]], task: Task) -> dict[str, Any]:
+    evaluated = [r for r in rows if r.get("test_accuracy") is not None]
+    final = evaluated[-1] if evaluated else {}
+    return {
+        "name": cfg.run.name,
+        "seed": cfg.run.seed,
+        "rounds": len(rows),
+        "strategy": cfg.strategy.name,
+        "codec": cfg.compression.codec,
+        "dataset": task.data.name,
+        "model": cfg.task.model,
+        "parameters": task.layout.d,
+        "final_test_accuracy": final.get("test_accuracy"),
+        "final_test_loss": final.get("test_loss"),
+        "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
+        "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
+        "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
+        "total_rejected": sum(r["rejected"] for r in rows),
+        "wall_s": sum(r["wall_s"] for r in rows),
+        "versions": versions(),
+    }

@@ -1,0 +1,192 @@
+"""The Codec contract: how a model update becomes a payload and back.
+
+A codec sees an update as one flat fp32 vector of length ``d`` (the model's
+parameters concatenated in ``Layout`` order). ``encode`` turns it into a payload,
+a ``dict[str, numpy.ndarray]`` that travels in a Flower ``ArrayRecord``;
+``decode`` turns a payload back into a flat fp32 vector. A codec is ``linear``
+when the payloads of several clients may be summed (scaled) *before* decoding
+and decoding commutes with that sum (sketches are; top-k and int8 are not).
+
+Everything random that a codec needs is derived from ``CodecContext``
+(run seed, round, node), so that all parties regenerate the same operators and
+nothing random travels. Client-side state a codec keeps between rounds (error
+feedback, for instance) lives in the ``state`` dict it is handed, which the
+ClientApp persists in the node's ``context.state``.
+
+This module is pure tensor code: no Flower imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be decoded: wrong codec, keys, shapes, dtypes or values."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and shapes of the parameter tensors, in the order they are flattened."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def d(self) -> int:
+        return int(sum(self.numels))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Layout":
+        return cls(tuple(arrays), tuple(tuple(a.shape) for a in arrays.values()))
+
+    def flatten(self, arrays: dict[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Concatenate tensors (in layout order) into one fp32 vector."""
+        parts = []
+        for name, shape in zip(self.names, self.shapes):
+            if name not in arrays:
+                raise PayloadError(f"missing tensor {name!r}; expected {list(self.names)}")
+            t = torch.as_tensor(np.asarray(arrays[name]) if not isinstance(arrays[name], torch.Tensor) else arrays[name])
+            if tuple(t.shape) != tuple(shape):
+                raise PayloadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+            parts.append(t.reshape(-1).to(torch.float32))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, np.ndarray]:
+        """Split a flat vector back into named fp32 numpy arrays."""
+        if flat.numel() != self.d:
+            raise PayloadError(f"flat vector has {flat.numel()} entries, layout needs {self.d}")
+        out, start = {}, 0
+        flat = flat.detach().to("cpu", torch.float32)
+        for name, shape, n in zip(self.names, self.shapes, self.numels):
+            out[name] = flat[start : start + n].reshape(shape).numpy().copy()
+            start += n
+        return out
+
+
+@dataclass(frozen=True)
+class CodecContext:
+    """What every party knows when encoding or decoding one update."""
+
+    seed: int
+    round: int
+    layout: Layout
+    node: int = -1  # partition id of the sending client; -1 on the server / downlink
+    device: str = "cpu"
+
+    @property
+    def d(self) -> int:
+        return self.layout.d
+
+    def generator(self, purpose: str, *, node: bool = False, device: str = "cpu") -> torch.Generator:
+        """A private torch generator seeded from (seed, round, purpose[, node]).
+
+        Shared operators use ``node=False`` so that every party gets the same stream;
+        private randomness (stochastic rounding, local noise) uses ``node=True``.
+        """
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(self.seed, self.round, purpose, self.node if node else None))
+        return g
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of printable parts (stable across processes)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class Codec(ABC):
+    """Turns a flat fp32 update into a payload and back. See the module docstring."""
+
+    name: ClassVar[str]
+    linear: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise ValueError(f"codec {self.name!r} takes no options, got {sorted(options)}")
+
+    @abstractmethod
+    def encode(self, update: torch.Tensor, ctx: CodecContext, state: dict | None = None) -> dict[str, np.ndarray]:
+        """Encode a flat fp32 update of length ``ctx.d``."""
+
+    @abstractmethod
+    def decode(self, payload: dict[str, np.ndarray], ctx: CodecContext) -> torch.Tensor:
+        """Decode a payload into a flat fp32 vector of length ``ctx.d``; raise PayloadError if malformed."""
+
+    @staticmethod
+    def payload_bytes(payload: dict[str, np.ndarray]) -> int:
+        """Bytes of the array data in a payload (the message adds its own framing)."""
+        return int(sum(np.asarray(a).nbytes for a in payload.values()))
+
+    # -- helpers for decoders -------------------------------------------------------
+    @staticmethod
+    def expect(payload: dict[str, np.ndarray], key: str, *, dtype: Any = None, shape: tuple | None = None,
+               finite: bool = True) -> np.ndarray:
+        """Fetch ``payload[key]`` and check dtype, shape and finiteness, naming what was wrong."""
+        if not isinstance(payload, dict) or key not in payload:
+            have = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+            raise PayloadError(f"payload lacks array {key!r} (has {have})")
+        arr = np.asarray(payload[key])
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            raise PayloadError(f"payload array {key!r} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise PayloadError(f"payload array {key!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        if finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise PayloadError(f"payload array {key!r} contains NaN or infinite values")
+        return arr
+
+
+class DenseCodec(Codec):
+    """The update as it is, fp32: the uncompressed baseline."""
+
+    name = "dense"
+    linear = True
+
+    def encode(self, update: torch.Tensor, ctx: CodecContext, state: dict | None = None) -> dict[str, np.ndarray]:
+        return {"values": update.detach().to("cpu", torch.float32).numpy().copy()}
+
+    def decode(self, payload: dict[str, np.ndarray], ctx: CodecContext) -> torch.Tensor:
+        values = self.expect(payload, "values", dtype=np.float32, shape=(ctx.d,))
+        return torch.from_numpy(np.array(values, copy=True))
+
+
+CODECS: dict[str, type[Codec]] = {}
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: make a codec selectable as ``compression.codec = <cls.name>``."""
+    CODECS[cls.name] = cls
+    return cls
+
+
+register_codec(DenseCodec)
+
+
+def make_codec(name: str, **options: Any) -> Codec:
+    """Instantiate a registered codec by name with its ``compression.*`` options."""
+    _load_builtin_codecs()
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; choose one of {sorted(CODECS)}")
+    return CODECS[name](**options)
+
+
+def _load_builtin_codecs() -> None:
+    """Import the modules that register the built-in codecs (kept lazy to avoid cycles)."""
+    import importlib
+    import pkgutil
+
+    import stamen.sketching as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("codecs_"):
+            importlib.import_module(f"stamen.sketching.{mod.name}")

@@ -1,0 +1,236 @@
+"""The typed run config: one object, validated, loaded from TOML plus ``--set`` overrides.
+
+Sections and keys are fixed (unknown keys are errors naming the key). Plugin options
+live under ``strategy.*`` and ``compression.*``; those sections accept extra keys, which
+the chosen strategy or codec validates itself when it is built.
+
+Both apps read this module (it imports nothing from the rest of Stamen), so the same
+config drives simulation (passed by closure) and deployment (flattened into Flower's
+``run_config``, see :func:`from_flat` / :func:`to_flat`).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what is expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = "stamen"
+    seed: int = 0
+    rounds: int = Field(20, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out_dir: str = ""  # results directory; "" = runs/<name>-<timestamp>
+
+
+class FederationSection(_Section):
+    clients: int = Field(20, ge=1)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(0.0, ge=0.0, le=1.0)
+    client_cpus: float = Field(1.0, gt=0.0)
+    client_gpus: float = Field(0.0, ge=0.0)
+    ray_address: str = ""
+    round_timeout_s: float = Field(3600.0, gt=0.0)
+
+
+class TaskSection(_Section):
+    dataset: str = "digits"
+    partition: str = "auto"  # auto: the dataset's own default (dirichlet for pooled data, natural for synthetic)
+    alpha: float = Field(0.5, gt=0.0)
+    classes_per_client: int = Field(2, ge=1)
+    model: str = "mlp"
+    hidden: int = Field(128, ge=1)
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.1, gt=0.0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # FedProx Synthetic(alpha, beta) generator
+    synthetic_alpha: float = Field(1.0, ge=0.0)
+    synthetic_beta: float = Field(1.0, ge=0.0)
+    max_client_samples: int = Field(1000, ge=2)
+    # hub datasets (flwr-datasets / Hugging Face): local cache directory
+    data_dir: str = ""
+
+
+class StrategySection(BaseModel):
+    """``strategy.name`` plus the chosen plugin's own options (validated by the plugin)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    name: str = "fedavg"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class CompressionSection(BaseModel):
+    """``compression.codec`` plus the codec's options (validated by the codec)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    codec: str = "dense"
+    downlink: Literal["dense"] = "dense"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PrivacySection(BaseModel):
+    """Reserved for the privacy plugins; empty by default."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvalSection(_Section):
+    every: int = Field(1, ge=1)
+    batch_size: int = Field(512, ge=1)
+
+
+class StamenConfig(_Section):
+    run: RunSection = RunSection()
+    federation: FederationSection = FederationSection()
+    task: TaskSection = TaskSection()
+    strategy: StrategySection = StrategySection()
+    compression: CompressionSection = CompressionSection()
+    privacy: PrivacySection = PrivacySection()
+    eval: EvalSection = EvalSection()
+
+    # -- (de)serialization ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def fingerprint(self, *sections: str) -> str:
+        """A stable hash of some sections (e.g. what a cached data partition depends on)."""
+        import hashlib
+
+        d = self.to_dict()
+        part = {s: d[s] for s in sections} if sections else d
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = tuple(StamenConfig.model_fields)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        else:
+            got = e.get("input")
+            lines.append(f"bad value for '{key}': {e['msg']} (got {got!r})")
+    return "; ".join(lines)
+
+
+def validate(data: dict[str, Any]) -> StamenConfig:
+    """Validate a nested dict into a StamenConfig, raising ConfigError naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a table of sections, got {type(data).__name__}")
+    for section, value in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}'; sections are {', '.join(SECTIONS)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{section}' must be a table, got {value!r}")
+    try:
+        return StamenConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as a TOML literal, else as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if len(path) < 2 or any(not p for p in path):
+        raise ConfigError(f"override key {key!r} must look like section.key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> StamenConfig:
+    """Load a config: defaults, then the TOML file (if any), then ``--set`` overrides."""
+    data = read_toml(path) if path else {}
+    return validate(apply_overrides(data, overrides or []))
+
+
+# -- Flower run_config <-> StamenConfig ---------------------------------------------
+def to_flat(cfg: StamenConfig) -> dict[str, Any]:
+    """Flatten to ``{"section.key": value}`` (Flower's run_config form)."""
+    return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+
+
+def from_flat(flat: dict[str, Any]) -> StamenConfig:
+    """Build a config from Flower's flattened run_config.
+
+    ``config-file`` (if set) names a TOML file loaded first; every other ``section.key``
+    entry overrides it. Empty-string entries are ignored.
+    """
+    base: dict[str, Any] = {}
+    path = flat.get("config-file", "")
+    if path:
+        base = read_toml(path)
+    for key, value in flat.items():
+        if key == "config-file" or value == "":
+            continue
+        parts = key.split(".")
+        node = base
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return validate(base)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    return tomli_w.dumps(data)

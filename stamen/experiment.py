@@ -1,0 +1,61 @@
+"""Launch a run: the ServerApp and ClientApp in Flower's simulation engine on Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from stamen.config import StamenConfig
+
+
+class RunFailed(RuntimeError):
+    """The federation stopped with an error (the message says which)."""
+
+
+def backend_config(cfg: StamenConfig) -> dict[str, Any]:
+    fed = cfg.federation
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
+                                 "log_to_driver": False}
+    if fed.ray_address:
+        init_args = {"address": fed.ray_address}
+    return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
+
+
+def simulate(cfg: StamenConfig, out_dir: str | Path, *, resume: bool = False,
+             on_round: Callable[[dict[str, Any]], None] | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` in simulation, writing ``out_dir``; return the summary."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    from stamen.client.app import make_client_app
+    from stamen.server.app import make_server_app
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    result: dict[str, Any] = {}
+    server = make_server_app(cfg, out_dir, resume=resume, on_round=on_round, result=result)
+    run_simulation(server_app=server, client_app=make_client_app(cfg), num_supernodes=cfg.federation.clients,
+                   backend_config=backend_config(cfg), verbose_logging=verbose)
+    if "error" in result:
+        err = result["error"]
+        raise RunFailed(f"{type(err).__name__}: {err}") from err
+    if "summary" not in result:
+        raise RunFailed("the simulation ended without finishing the run (see the log above)")
+    return result["summary"]
+
+
+def preflight(cfg: StamenConfig) -> None:
+    """Build everything a run needs once, so bad options fail before Ray starts."""
+    from stamen.sketching.codec import make_codec
+    from stamen.strategies.registry import build_strategy
+    from stamen.tasks.task import load_task
+
+    build_strategy(cfg)
+    try:
+        make_codec(cfg.compression.codec, **cfg.compression.options())
+    except TypeError as err:
+        raise ValueError(f"bad compression.* options for codec {cfg.compression.codec!r}: {err}") from None
+    load_task(cfg.task, cfg.federation.clients, cfg.run.seed).new_model()

@@ -1,0 +1,165 @@
+"""What every Stamen strategy adds in front of a Flower Message-API strategy.
+
+:class:`StamenStrategy` is a mixin placed *before* a Flower strategy in the MRO
+(``class StamenFedAvg(StamenStrategy, FedAvg)``). It keeps Flower's round protocol and
+aggregation rules and adds the three things Flower leaves to the app:
+
+- **seeded sampling by partition**: nodes are chosen by partition id with a private RNG
+  derived from (run seed, round), so a run is reproducible and samples the configured
+  fraction from round 1 (Flower samples node ids with the global ``random`` module and may
+  sample before every node registered);
+- **decoding**: clients send the codec payload of their update Δ; each reply is checked
+  (structure, codec name, example count, finiteness, payload shape) and decoded into the
+  weights ``w_global + Δ`` that Flower's ``aggregate_train`` expects. A bad reply is
+  dropped with its reason logged and counted in :attr:`last_rejected`; the round goes on;
+- **state for checkpoints**: :meth:`state_dict` / :meth:`load_state_dict` capture what the
+  strategy carries across rounds (server optimizer moments, momentum, ...).
+
+Replies are processed in partition order, so float sums do not depend on arrival order.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from stamen import protocol as P
+from stamen.sketching.codec import Codec, CodecContext, Layout, PayloadError, derive_seed
+
+log = logging.getLogger("stamen.strategy")
+
+
+class _GridView:
+    """A Grid that exposes only the nodes Stamen sampled (everything else delegates)."""
+
+    def __init__(self, grid, node_ids: list[int]):
+        self._grid, self._node_ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def sample_count(fraction: float, population: int) -> int:
+    return max(1, min(population, int(math.floor(fraction * population + 1e-9))))
+
+
+class StamenStrategy:
+    """Mixin: seeded sampling, reply validation and decoding, checkpointable state."""
+
+    #: attributes that are wiring, not state, and are not checkpointed
+    _transient = ("nodes", "codec", "layout", "seed", "stamen_fraction_train", "stamen_fraction_evaluate",
+                  "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "_global")
+
+    def bind(self, *, seed: int, nodes: dict[int, int], layout: Layout, codec: Codec,
+             fraction_train: float, fraction_evaluate: float) -> None:
+        """Wire the strategy to a federation: node ids by partition id, layout and codec."""
+        self.seed, self.nodes, self.layout, self.codec = seed, dict(sorted(nodes.items())), layout, codec
+        self.stamen_fraction_train, self.stamen_fraction_evaluate = fraction_train, fraction_evaluate
+        self.last_rejected: list[tuple[int, str]] = []
+        self.last_participants: list[int] = []
+        self._global: dict[str, np.ndarray] | None = None
+
+    # -- sampling ----------------------------------------------------------------------
+    def sample_partitions(self, server_round: int, fraction: float, purpose: str = "train") -> list[int]:
+        pids = sorted(self.nodes)
+        rng = np.random.default_rng(derive_seed(self.seed, server_round, "sample", purpose))
+        chosen = rng.choice(len(pids), size=sample_count(fraction, len(pids)), replace=False)
+        return sorted(pids[i] for i in chosen)
+
+    def client_instructions(self, server_round: int) -> dict[str, Any]:
+        """Extra ``config`` entries sent with every train message (hook for plugins)."""
+        return {P.CODEC: self.codec.name}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        pids = self.sample_partitions(server_round, self.stamen_fraction_train)
+        self._global = P.from_array_record(arrays)
+        config = ConfigRecord({**dict(config), **self.client_instructions(server_round)})
+        view = _GridView(grid, [self.nodes[p] for p in pids])
+        return super().configure_train(server_round, arrays, config, view)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> Iterable[Message]:
+        if self.stamen_fraction_evaluate <= 0:
+            return []
+        pids = self.sample_partitions(server_round, self.stamen_fraction_evaluate, "evaluate")
+        return super().configure_evaluate(server_round, arrays, config, _GridView(grid, [self.nodes[p] for p in pids]))
+
+    # -- replies -----------------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        accepted = self.decode_replies(server_round, list(replies))
+        if not accepted:
+            log.warning("round %d: no valid replies (%d rejected); the global model is unchanged",
+                        server_round, len(self.last_rejected))
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+    def decode_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Validate and decode every reply into plain weights; record the rejected ones."""
+        if self._global is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        global_flat = self.layout.flatten(self._global)
+        self.last_rejected, self.last_participants, accepted = [], [], []
+        for msg in sorted(replies, key=_reply_order):
+            node = msg.metadata.src_node_id
+            try:
+                pid, delta, metrics = self.check_reply(msg, server_round)
+            except (PayloadError, ValueError, KeyError, TypeError) as err:
+                log.warning("round %d: rejected reply from node %s: %s", server_round, node, err)
+                self.last_rejected.append((node, str(err)))
+                continue
+            weights = self.layout.unflatten(global_flat + delta)
+            content = RecordDict({P.ARRAYS: P.to_array_record(weights), P.METRICS: MetricRecord(metrics)})
+            accepted.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+            self.last_participants.append(pid)
+        return accepted
+
+    def check_reply(self, msg: Message, server_round: int):
+        """Return (partition id, decoded Δ, metrics) of a reply, or raise naming the defect."""
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        content = msg.content
+        for key, kind in ((P.UPDATE, "array_records"), (P.METRICS, "metric_records"), (P.META, "config_records")):
+            if key not in getattr(content, kind):
+                raise ValueError(f"reply lacks the {key!r} record")
+        meta, metrics = content.config_records[P.META], content.metric_records[P.METRICS]
+        if meta.get(P.CODEC) != self.codec.name:
+            raise PayloadError(f"reply encoded with codec {meta.get(P.CODEC)!r}, expected {self.codec.name!r}")
+        pid = meta.get(P.PARTITION_ID)
+        if not isinstance(pid, int) or pid not in self.nodes:
+            raise ValueError(f"reply names unknown partition-id {pid!r}")
+        n = metrics.get(P.NUM_EXAMPLES)
+        if not isinstance(n, (int, float)) or not (n > 0 and math.isfinite(n)):
+            raise ValueError(f"reply has invalid {P.NUM_EXAMPLES} {n!r}")
+        clean = {}
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"reply metric {k!r} is not a finite number: {v!r}")
+            clean[k] = v
+        ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout, node=pid)
+        delta = self.codec.decode(P.from_array_record(content.array_records[P.UPDATE]), ctx)
+        if delta.shape != (self.layout.d,) or not bool(delta.isfinite().all()):
+            raise PayloadError("decoded update is not a finite vector of the model's size")
+        return pid, delta, clean
+
+    # -- checkpoint state --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(v) for k, v in vars(self).items() if k not in self._transient}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def _reply_order(msg: Message):
+    try:
+        return (0, int(msg.content.config_records[P.META][P.PARTITION_ID]), msg.metadata.src_node_id)
+    except Exception:  # malformed replies sort last and are rejected in order
+        return (1, 0, msg.metadata.src_node_id)
