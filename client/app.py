@@ -9,8 +9,10 @@ and the model once and reuses them across messages.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,9 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from stamen import protocol as P
-from stamen.client.trainers import TRAINERS, TrainSettings
+from stamen.client.trainers import TrainJob, TrainSettings, get_trainer
 from stamen.config import StamenConfig, from_flat
-from stamen.sketching.codec import CodecContext, derive_seed, make_codec
+from stamen.sketching.codec import Codec, CodecContext, derive_seed, make_codec
 from stamen.tasks.task import Task, evaluate, get_weights, load_task, set_weights
 
 log = logging.getLogger("stamen.client")
@@ -67,26 +69,44 @@ def _partition_id(context: Context) -> int:
                          "(start SuperNodes with --node-config 'partition-id=<i> num-partitions=<n>')") from None
 
 
+def dense_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarray]:
+    """The default downlink: the global weights as they are."""
+    return P.from_array_record(content.array_records[P.ARRAYS])
+
+
+#: how a client turns a train message into global weights, by the config entry ``downlink``
+DOWNLINKS: dict[str, Callable[[RecordDict, TrainJob], dict[str, np.ndarray]]] = {"dense": dense_downlink}
+
+#: extra ``query`` handlers by the config entry ``query`` (default: report the partition-id)
+QUERIES: dict[str, Callable[[StamenConfig, Message, Context], RecordDict]] = {}
+
+
 def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     w = _worker(cfg)
     pid = _partition_id(context)
     X, y = w.task.data.client(pid)
-    config = msg.content.config_records[P.CONFIG]
+    config = dict(msg.content.config_records[P.CONFIG])
     server_round = int(config["server-round"])
-    global_weights = P.from_array_record(msg.content.array_records[P.ARRAYS])
+    job = TrainJob(options=config, state=context.state, task=w.task, partition_id=pid,
+                   server_round=server_round, seed=cfg.run.seed)
+    downlink = config.get("downlink", "dense")
+    if downlink not in DOWNLINKS:
+        raise ValueError(f"unknown downlink {downlink!r}; known: {sorted(DOWNLINKS)}")
+    global_weights = DOWNLINKS[downlink](msg.content, job)
     set_weights(w.model, global_weights)
 
     settings = TrainSettings.from_task(cfg.task, w.device, proximal_mu=float(config.get("proximal-mu", 0.0)))
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "batches", pid))
-    train_loss, steps = TRAINERS["sgd"](w.model, X, y, settings, gen)
+    trainer = get_trainer(str(config.get("trainer", "sgd")))
+    train_loss, steps = trainer(w.model, X, y, settings, gen, job)
 
     layout = w.task.layout
     delta = layout.flatten(get_weights(w.model)) - layout.flatten(global_weights)
-    codec = make_codec(cfg.compression.codec, **cfg.compression.options())
+    codec = _codec(cfg, config)
     state = _codec_state(context)
     payload = codec.encode(delta, CodecContext(cfg.run.seed, server_round, layout, node=pid), state)
     _store_codec_state(context, state)
-    metrics = {P.NUM_EXAMPLES: len(y), "train_loss": train_loss, "local_steps": steps}
+    metrics = {P.NUM_EXAMPLES: len(y), "train_loss": train_loss, "local_steps": steps, **job.metrics}
     return Message(content=P.train_reply(payload, metrics, codec.name, pid), reply_to=msg)
 
 
@@ -100,8 +120,27 @@ def handle_evaluate(cfg: StamenConfig, msg: Message, context: Context) -> Messag
 
 
 def handle_query(cfg: StamenConfig, msg: Message, context: Context) -> Message:
+    kind = msg.content.config_records[P.CONFIG].get("query", "") if P.CONFIG in msg.content.config_records else ""
+    if kind:
+        if kind not in QUERIES:
+            raise ValueError(f"unknown query {kind!r}; known: {sorted(QUERIES)}")
+        return Message(content=QUERIES[kind](cfg, msg, context), reply_to=msg)
     pid = _partition_id(context)
     return Message(content=RecordDict({P.META: ConfigRecord({P.PARTITION_ID: pid})}), reply_to=msg)
+
+
+_CODECS: dict[str, Codec] = {}
+
+
+def _codec(cfg: StamenConfig, config: dict) -> Codec:
+    """The codec the strategy asked for (``codec`` / ``codec-options`` entries), cached per process."""
+    name = str(config.get(P.CODEC, cfg.compression.codec))
+    options = json.loads(config["codec-options"]) if "codec-options" in config else cfg.compression.options()
+    key = json.dumps([name, options], sort_keys=True)
+    if key not in _CODECS:
+        _CODECS.clear()
+        _CODECS[key] = make_codec(name, **options)
+    return _CODECS[key]
 
 
 _CODEC_STATE = "codec-state"

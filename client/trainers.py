@@ -1,14 +1,20 @@
 """Local trainers: how a client learns in one round.
 
-A trainer takes the model (holding the global weights), the client's data and the
-round's settings, trains in place and returns the mean training loss and the number of
-optimizer steps. Batches come from a private generator derived from
+A trainer is ``trainer(model, X, y, settings, generator, job) -> (mean train loss, steps)``:
+it trains ``model`` (holding the global weights) in place on the client's data. ``job``
+carries what some trainers need beyond the data: the round's message config (the
+strategy's instructions, e.g. ``proximal-mu`` or attack settings), the node's persistent
+state (a Flower ``RecordDict``), the task, the partition id and the round, and a
+``metrics`` dict the trainer may fill (sent back with the reply). The strategy picks the
+trainer with the config entry ``trainer`` (default ``sgd``); plugins register theirs in
+:data:`TRAINERS`. Batches come from a private generator derived from
 (run seed, round, partition), so a run is reproducible whatever the scheduling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,6 +41,19 @@ class TrainSettings:
         return cls(**base)
 
 
+@dataclass
+class TrainJob:
+    """Everything about one local training job besides model, data and settings."""
+
+    options: dict[str, Any]  # the round's message config from the strategy
+    state: Any  # the node's persistent flwr RecordDict (context.state)
+    task: Any  # stamen.tasks.Task
+    partition_id: int
+    server_round: int
+    seed: int
+    metrics: dict[str, float] = field(default_factory=dict)  # extra reply metrics
+
+
 def make_optimizer(params, s: TrainSettings) -> torch.optim.Optimizer:
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
@@ -50,7 +69,7 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 def train_sgd(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
-              generator: torch.Generator) -> tuple[float, int]:
+              generator: torch.Generator, job: TrainJob | None = None) -> tuple[float, int]:
     """Mini-batch first-order training (SGD or Adam), optionally with FedProx's proximal term."""
     model.train()
     model.to(s.device)
@@ -63,7 +82,7 @@ def train_sgd(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
         for idx in epoch_batches(len(yt), s.batch_size, generator):
             idx = idx.to(s.device)
             loss = nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
             if anchor is not None:
                 loss = loss + 0.5 * s.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
@@ -74,4 +93,35 @@ def train_sgd(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
     return total / max(1, count), steps
 
 
-TRAINERS = {"sgd": train_sgd}
+Trainer = Callable[[nn.Module, np.ndarray, np.ndarray, TrainSettings, torch.Generator, TrainJob], tuple[float, int]]
+
+TRAINERS: dict[str, Trainer] = {"sgd": train_sgd}
+
+
+def register_trainer(name: str):
+    """Decorator: make a trainer selectable by a strategy's ``trainer`` config entry."""
+
+    def deco(fn: Trainer) -> Trainer:
+        TRAINERS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_trainer(name: str) -> Trainer:
+    _load_trainer_plugins()
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r} requested by the strategy; known: {sorted(TRAINERS)}")
+    return TRAINERS[name]
+
+
+def _load_trainer_plugins() -> None:
+    """Import client modules named ``trainers_*.py`` (they register trainers)."""
+    import importlib
+    import pkgutil
+
+    import stamen.client as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("trainers_"):
+            importlib.import_module(f"stamen.client.{mod.name}")

@@ -164,7 +164,8 @@ class AdaptiveClipper:
         if not math.isfinite(count_noise_std) or count_noise_std < 0:
             raise ValueError(f"count_noise_std must be non-negative and finite, got {count_noise_std!r}")
         if count_noise_std > 0 and generator is None:
-            raise ValueError("count_noise_std > 0 needs a private torch.Generator (the global RNG is never used)")
+            raise ValueError("count_noise_std > 0 needs generator= (a private torch.Generator; "
+                             "the global RNG is never used)")
         self.target_quantile = float(target_quantile)
         self.learning_rate = float(learning_rate)
         self.count_noise_std = float(count_noise_std)

@@ -24,7 +24,8 @@ from stamen.config import StamenConfig
 from stamen.server.results import CheckpointError, RunDirectory, write_plots
 from stamen.sketching.codec import make_codec
 from stamen.strategies.registry import build_strategy
-from stamen.tasks.task import Task, evaluate, load_task, set_weights
+from stamen.server.evaluation import central_evaluation
+from stamen.tasks.task import Task, load_task, set_weights
 
 log = logging.getLogger("stamen.server")
 
@@ -140,11 +141,11 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
             "downlink_bytes": down,
             "train_loss": _metric(train_metrics, "train_loss"),
         }
+        row.update(strategy.round_metrics(rnd))
         row.update(_federated_evaluation(strategy, rnd, current, grid, timeout, count_bytes))
         if rnd % cfg.eval.every == 0 or rnd == cfg.run.rounds:
             set_weights(model, P.from_array_record(current))
-            loss, acc = evaluate(model, *task.data.test, cfg.eval.batch_size)
-            row.update(test_loss=loss, test_accuracy=acc)
+            row.update(central_evaluation(model, task, cfg, rnd))
         else:
             row.update(test_loss=None, test_accuracy=None)
         row["wall_s"] = time.perf_counter() - t0

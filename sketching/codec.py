@@ -145,6 +145,33 @@ class Codec(ABC):
             raise PayloadError(f"payload array {key!r} contains NaN or infinite values")
         return arr
 
+    @staticmethod
+    def flat_update(update: torch.Tensor, ctx: "CodecContext", codec: str) -> torch.Tensor:
+        """The update as a detached 1-D fp32 tensor of length ``ctx.d`` (on its own device)."""
+        if not isinstance(update, torch.Tensor):
+            update = torch.as_tensor(np.asarray(update))
+        if update.dim() != 1 or update.shape[0] != ctx.d:
+            raise ValueError(f"codec {codec!r} encodes a flat vector of length d={ctx.d}, got shape {tuple(update.shape)}")
+        return update.detach().to(torch.float32)
+
+    @staticmethod
+    def expect_finite_result(vec: torch.Tensor, codec: str) -> torch.Tensor:
+        """Reject a decoded vector that overflowed (finite payload values can still be too large)."""
+        if not bool(torch.isfinite(vec).all()):
+            raise PayloadError(f"codec {codec!r}: decoding produced NaN or infinite values (payload values too large)")
+        return vec
+
+    @staticmethod
+    def expect_keys(payload: dict[str, np.ndarray], keys: set[str] | frozenset[str]) -> None:
+        """Require ``payload`` to be a dict with exactly ``keys``, naming what is missing or extra."""
+        if not isinstance(payload, dict):
+            raise PayloadError(f"payload must be a dict of arrays, got {type(payload).__name__}")
+        missing = sorted(k for k in keys if k not in payload)
+        extra = sorted(repr(k) for k in payload if k not in keys)
+        if missing or extra:
+            raise PayloadError(f"payload keys do not match: missing {missing}, unexpected [{', '.join(extra)}]; "
+                               f"expected exactly {sorted(keys)}")
+
 
 class DenseCodec(Codec):
     """The update as it is, fp32: the uncompressed baseline."""
@@ -156,6 +183,7 @@ class DenseCodec(Codec):
         return {"values": update.detach().to("cpu", torch.float32).numpy().copy()}
 
     def decode(self, payload: dict[str, np.ndarray], ctx: CodecContext) -> torch.Tensor:
+        self.expect_keys(payload, {"values"})
         values = self.expect(payload, "values", dtype=np.float32, shape=(ctx.d,))
         return torch.from_numpy(np.array(values, copy=True))
 

@@ -251,7 +251,7 @@ def project(delta: torch.Tensor, blocks: Sequence[Block], pool: np.ndarray, K: i
 
     For each block l with budget K_l > 0 and each chosen pool index k,
     γ_k = ⟨Δ_l, v_k⟩ / (ρ_l K_l) — the unbiased scaling (the reference code's
-    γ·d_l/K_l equals this times 3ρ_l d_l ≈ 1, i.e. Δ/3 in expectation). Exact zeros
+    ⟨Δ_l, v_k⟩·d_l/K_l is this times ρ_l d_l ≈ 1/3, i.e. Δ/3 in expectation). Exact zeros
     are skipped. ``selection_seed`` should be derived from (run seed, round, node)
     so that reruns repeat and clients differ; blocks get their own generator from it.
     One basis vector is alive at a time; compute is O(Σ_l K_l d_l).

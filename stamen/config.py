@@ -162,17 +162,21 @@ def validate(data: dict[str, Any]) -> StamenConfig:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value``; the value is read as a TOML literal, else as a string."""
+    """Parse ``section.key=value``; the value is read as a TOML literal, else as a string.
+
+    ``section={...}`` (an inline table) replaces a whole section, e.g. to switch
+    ``strategy`` to one that does not take the file's plugin options.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    path = [p for p in key.strip().split(".")]
-    if len(path) < 2 or any(not p for p in path):
-        raise ConfigError(f"override key {key!r} must look like section.key")
+    path = key.strip().split(".")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    if any(not p for p in path) or (len(path) < 2 and not isinstance(value, dict)):
+        raise ConfigError(f"override key {key!r} must look like section.key (or section={{...}} to replace a section)")
     return path, value
 
 

@@ -28,13 +28,14 @@ def simulate(cfg: StamenConfig, out_dir: str | Path, *, resume: bool = False,
     """Run ``cfg`` in simulation, writing ``out_dir``; return the summary."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
     from stamen.client.app import make_client_app
     from stamen.server.app import make_server_app
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # also hides run_simulation's deprecation notice
     result: dict[str, Any] = {}
     server = make_server_app(cfg, out_dir, resume=resume, on_round=on_round, result=result)
     run_simulation(server_app=server, client_app=make_client_app(cfg), num_supernodes=cfg.federation.clients,

@@ -149,6 +149,10 @@ class StamenStrategy:
             raise PayloadError("decoded update is not a finite vector of the model's size")
         return pid, delta, clean
 
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        """Extra entries for this round's line in metrics.jsonl (hook for plugins, e.g. ε)."""
+        return {}
+
     # -- checkpoint state --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {k: copy.deepcopy(v) for k, v in vars(self).items() if k not in self._transient}

@@ -108,12 +108,15 @@ for _spec in (
     register_strategy(_spec)
 
 
-PLUGIN_MODULES: tuple[str, ...] = ()
-
-
 def _load_plugins() -> None:
-    for mod in PLUGIN_MODULES:
-        importlib.import_module(mod)
+    """Import every plugin module of the package (all but base and registry); they register themselves."""
+    import pkgutil
+
+    import stamen.strategies as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name not in ("base", "registry") and not mod.name.startswith("_"):
+            importlib.import_module(f"stamen.strategies.{mod.name}")
 
 
 def strategy_spec(name: str) -> StrategySpec:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -53,7 +54,7 @@ def _check_norm(norm: str) -> None:
 
 
 def _check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"attack eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -200,7 +201,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, step_siz
     _check_norm(norm)
     _check_eps(eps)
     _check_clip(clip)
-    if not (isinstance(steps, int) and steps >= 0):
+    if not (isinstance(steps, numbers.Integral) and steps >= 0):
         raise ValueError(f"pgd steps must be an int >= 0, got {steps!r}")
     if not (math.isfinite(step_size) and step_size >= 0):
         raise ValueError(f"pgd step_size must be a finite number >= 0, got {step_size!r}")
@@ -246,7 +247,7 @@ class AttackConfig:
             raise ValueError(f"unknown attack kind {self.kind!r}; choose one of {list(ATTACK_KINDS)}")
         _check_norm(self.norm)
         _check_eps(self.eps)
-        if not (isinstance(self.steps, int) and self.steps >= 1):
+        if not (isinstance(self.steps, numbers.Integral) and self.steps >= 1):
             raise ValueError(f"attack steps must be an int >= 1, got {self.steps!r}")
         if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size >= 0):
             raise ValueError(f"attack step_size must be a finite number >= 0 (or None for 2.5·eps/steps), "
@@ -335,7 +336,7 @@ def adversarial_loss(model: nn.Module, x: Tensor, y: Tensor, attack_cfg: AttackC
     adversarial training (Madry); ``mix = 0`` or ``eps = 0`` returns exactly the clean loss,
     same value and same gradient, so federated adversarial training with ε = 0 is FedAvg.
     """
-    if not (isinstance(mix, (int, float)) and 0.0 <= mix <= 1.0):
+    if not (isinstance(mix, numbers.Real) and 0.0 <= mix <= 1.0):
         raise ValueError(f"adversarial mix must be in [0, 1], got {mix!r}")
     if attack_cfg.eps == 0 or mix == 0:
         return F.cross_entropy(model(x), y)

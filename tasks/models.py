@@ -63,7 +63,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidde
     """A model with deterministic initial weights drawn from a private generator."""
     if name not in MODELS:
         raise ValueError(f"unknown task.model {name!r}; choose one of {sorted(MODELS)}")
-    model = MODELS[name](tuple(input_shape), num_classes, hidden)
+    with torch.random.fork_rng(devices=[]):  # the constructors' default init draws from the global RNG
+        model = MODELS[name](tuple(input_shape), num_classes, hidden)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():

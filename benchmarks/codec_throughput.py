@@ -1,0 +1,198 @@
+"""Codec encode/decode throughput and extra peak memory, against a memory copy of the same update.
+
+    python -m stamen.benchmarks.codec_throughput --sizes 1e5,1e6,1e7 --out results.json
+
+For every size d and every registered codec (default options) it reports:
+
+* ``encode`` / ``decode``: best wall time over repeats with the round's operator already
+  built (a warm cache, as within a round), throughput in GB/s of the fp32 update
+  (4·d bytes / time), and the ratio to ``x.clone()`` timed in the same run (1.0 = as fast
+  as copying the update; the baseline is re-measured at each d).
+* ``first``: the first encode of a round, which also builds the operator (hash tables,
+  sign vectors, row samples).
+* ``peak``: extra peak resident memory of one call, as a multiple of the update size 4·d.
+  Method: the kernel's high-water mark. We reset it (``/proc/self/clear_refs`` ← 5), read
+  ``VmRSS`` before the call and ``VmHWM`` after; the difference is the most memory the call
+  held above what was already resident, including its output. glibc would otherwise serve
+  large blocks from freed heap memory that is already resident (hiding them), so the script
+  re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536``: every block over 64 KiB is a
+  fresh mapping that is returned on free. Linux only; other systems print "n/a".
+* ``cache``: random state the cached operator keeps alive between calls (not in ``peak``).
+
+Codecs that refuse a size (the dense Gaussian/Rademacher sketches at large d) are listed
+with their error message. Numbers depend on the machine and its load: compare ratios
+within one run, not across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+from stamen.sketching.codec import CODECS, CodecContext, Layout, make_codec
+from stamen.sketching.codecs_sketch import SketchCodec, clear_operator_cache
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+# -- measurement helpers ---------------------------------------------------------------------
+def parse_sizes(text: str) -> list[int]:
+    sizes = [int(float(part)) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--sizes needs positive numbers like 1e5,1e6, got {text!r}")
+    return sizes
+
+
+def best_time(fn: Callable[[], Any], repeats: int, budget_s: float) -> float:
+    """Minimum wall time of ``fn`` over up to ``repeats`` calls, stopping once ``budget_s`` is spent."""
+    best, spent = float("inf"), 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+        if spent > budget_s:
+            break
+    return best
+
+
+def _status_kib() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0])
+    return out
+
+
+def extra_peak_bytes(fn: Callable[[], Any]) -> int | None:
+    """Peak resident memory ``fn`` adds above the current RSS (see the module docstring)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib()["VmRSS"]
+    except OSError:
+        fn()
+        return None
+    result = fn()
+    peak = _status_kib()["VmHWM"]
+    del result
+    return max(0, peak - before) * 1024
+
+
+# -- one codec at one size -------------------------------------------------------------------
+def bench_codec(name: str, x: torch.Tensor, ctx: CodecContext, copy_s: float, repeats: int, budget_s: float) -> dict:
+    d = x.numel()
+    codec = make_codec(name)
+    clear_operator_cache()
+    row: dict[str, Any] = {"codec": name, "d": d, "linear": codec.linear}
+    try:
+        start = time.perf_counter()
+        payload = codec.encode(x, ctx, {})
+        row["first_encode_s"] = time.perf_counter() - start
+    except ValueError as exc:
+        row["refused"] = str(exc)
+        return row
+    row["payload_bytes"] = codec.payload_bytes(payload)
+    row["cache_bytes"] = codec.operator(ctx).state_bytes if isinstance(codec, SketchCodec) else 0
+    encode = lambda: codec.encode(x, ctx, {})  # noqa: E731  (fresh state: no error feedback carried)
+    decode = lambda: codec.decode(payload, ctx)  # noqa: E731
+    row["encode_peak_bytes"] = extra_peak_bytes(encode)
+    row["decode_peak_bytes"] = extra_peak_bytes(decode)
+    for what, fn in (("encode", encode), ("decode", decode)):
+        seconds = best_time(fn, repeats, budget_s)
+        row[f"{what}_s"] = seconds
+        row[f"{what}_gbps"] = 4 * d / seconds / 1e9
+        row[f"{what}_vs_copy"] = copy_s / seconds
+    return row
+
+
+def bench_size(d: int, codecs: list[str], repeats: int, budget_s: float) -> tuple[dict, list[dict]]:
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    ctx = CodecContext(seed=0, round=1, layout=Layout(("update",), ((d,),)), node=0)
+    copy_s = best_time(lambda: x.clone(), max(repeats, 5), budget_s)
+    baseline = {"d": d, "copy_s": copy_s, "copy_gbps": 4 * d / copy_s / 1e9, "copy_peak_bytes": extra_peak_bytes(x.clone)}
+    rows = []
+    for name in codecs:
+        rows.append(bench_codec(name, x, ctx, copy_s, repeats, budget_s))
+        print(format_row(rows[-1]), flush=True)
+    return baseline, rows
+
+
+# -- output ----------------------------------------------------------------------------------
+HEADER = (f"{'d':>9} {'codec':<12} {'payload':>8} {'first s':>8} {'enc ms':>9} {'enc GB/s':>8} {'enc/copy':>8} "
+          f"{'dec ms':>9} {'dec GB/s':>8} {'dec/copy':>8} {'enc peak':>8} {'dec peak':>8} {'cache':>7}")
+
+
+def _times(value: int | None, d: int) -> str:
+    return "n/a" if value is None else f"{value / (4 * d):.2f}x"
+
+
+def format_row(row: dict) -> str:
+    d = row["d"]
+    if "refused" in row:
+        return f"{d:>9.0e} {row['codec']:<12} refused: {row['refused']}"
+    return (f"{d:>9.0e} {row['codec']:<12} {row['payload_bytes'] / (4 * d):>7.3f}x {row['first_encode_s']:>8.3f} "
+            f"{1e3 * row['encode_s']:>9.2f} {row['encode_gbps']:>8.3f} {row['encode_vs_copy']:>8.3f} "
+            f"{1e3 * row['decode_s']:>9.2f} {row['decode_gbps']:>8.3f} {row['decode_vs_copy']:>8.3f} "
+            f"{_times(row['encode_peak_bytes'], d):>8} {_times(row['decode_peak_bytes'], d):>8} "
+            f"{row['cache_bytes'] / (4 * d):>6.2f}x")
+
+
+def format_baseline(base: dict) -> str:
+    return (f"{base['d']:>9.0e} {'x.clone()':<12} {'':>8} {'':>8} {1e3 * base['copy_s']:>9.2f} "
+            f"{base['copy_gbps']:>8.3f} {1.0:>8.3f} {'':>9} {'':>8} {'':>8} {_times(base['copy_peak_bytes'], base['d']):>8}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if MMAP_ENV not in os.environ and sys.platform.startswith("linux"):
+        env = {**os.environ, MMAP_ENV: "65536"}
+        os.execve(sys.executable, [sys.executable, "-m", "stamen.benchmarks.codec_throughput", *argv], env)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e5,1e6,1e7"))
+    parser.add_argument("--codecs", default="", help="comma-separated codec names (default: all registered)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per measurement, at most")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    make_codec("dense")  # registers every built-in codec
+    codecs = [c for c in args.codecs.split(",") if c] or sorted(CODECS)
+    unknown = sorted(set(codecs) - set(CODECS))
+    if unknown:
+        parser.error(f"unknown codecs {unknown}; choose from {sorted(CODECS)}")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("payload/peak/cache are multiples of the fp32 update size 4*d; x/copy = throughput relative to x.clone()")
+    print(HEADER)
+    results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
+               "baselines": [], "rows": []}
+    for d in args.sizes:
+        print(format_baseline_placeholder(d), flush=True)
+        baseline, rows = bench_size(d, codecs, args.repeats, args.budget)
+        print(format_baseline(baseline), flush=True)
+        results["baselines"].append(baseline)
+        results["rows"].extend(rows)
+    if args.out:
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, args.out)  # nothing half-written
+        print(f"wrote {args.out}")
+    return 0
+
+
+def format_baseline_placeholder(d: int) -> str:
+    return f"{'-' * 8} d = {d:.0e} {'-' * 8}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,516 @@
+"""Seeded linear sketch operators R: R^d -> R^s and their de-sketching maps.
+
+Every operator is a pure function of ``(d, s, seed[, options])``: all parties that build it
+with the same arguments get the same matrix, so R never travels; callers derive the seed
+with ``derive_seed(run_seed, round, "<sketch name>")``.
+
+Conventions shared by all operators (see specs/sketching_privacy.md):
+
+* ``apply(x)`` takes a 1-D float tensor of length ``d`` and returns the sketch (length ``s``;
+  an ``(rows, s)`` table for CountSketch). ``adjoint(y)`` maps a sketch back to length ``d``.
+  Both are linear and run on the input's device in fp32.
+* Normalisation: ``E[adjoint(apply(x))] = x`` over the seed, i.e. ``E[RᵀR] = I``. For all
+  operators but CountSketch, ``adjoint`` is the exact transpose (``<Rx, y> = <x, Rᵀy>``);
+  for CountSketch it is the transpose divided by ``rows`` (the mean of the per-row
+  estimates), see ``CountSketch``.
+* Randomness: generated on CPU, fp32, from private generators seeded by
+  ``derive_seed(seed, <purpose>)`` (a ``torch.Generator``; SRHT's row subset uses a private
+  ``numpy.random.Generator`` because sampling without replacement is ~25x faster there).
+  The global torch and numpy RNGs are never touched. Cached random state is moved to the
+  input's device on first use. Bitwise-identical results are guaranteed for the random
+  state on every party and for CPU ``apply``/``adjoint`` at the same thread count; CUDA
+  scatter-adds use atomics, so their sums agree only up to fp rounding.
+* Streams are defined with fixed constants (``TILE_ENTRIES``); changing them, or the
+  torch/numpy version, changes every operator: all parties must run the same pins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from stamen.sketching.codec import derive_seed
+from stamen.sketching.fwht import fwht_, next_power_of_two
+
+DEFAULT_MAX_BLOCK_BYTES = 64 << 20  # the most a dense operator materialises at once
+DEFAULT_MAX_ENTRIES = 1 << 31  # dense operators: refuse s*d above this (work per apply)
+TILE_ENTRIES = 1 << 20  # dense operators: entries per generated tile (defines the stream)
+GATHER_CHUNK = 1 << 20  # coordinates per chunk when CountSketch estimates (bounds memory)
+PARALLEL_MIN_D = 1 << 18  # below this, per-row scatter threads cost more than they save
+MEDIAN_NETWORK_MAX_ROWS = 16  # up to this many rows, a min/max network beats torch.median
+
+
+# ---------------------------------------------------------------------------------------
+# small pure helpers
+# ---------------------------------------------------------------------------------------
+def seeded_generator(seed: int, *purpose: Any) -> torch.Generator:
+    """A private CPU torch generator for one purpose of one operator (global RNG untouched)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(derive_seed(seed, *purpose))
+    return g
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def median_of_rows(values: torch.Tensor) -> torch.Tensor:
+    """Median over dim 0 of a ``(rows, n)`` tensor; mean of the two middle values for even rows.
+
+    For the few rows a CountSketch has, an odd-even transposition network of elementwise
+    min/max is exact and ~10x faster on CPU than ``torch.median(dim=0)``.
+    """
+    rows = values.shape[0]
+    if rows > MEDIAN_NETWORK_MAX_ROWS:
+        ordered = list(values.sort(dim=0).values.unbind(0))
+    else:
+        ordered = list(values.unbind(0))
+        for phase in range(rows):
+            for i in range(phase % 2, rows - 1, 2):
+                a, b = ordered[i], ordered[i + 1]
+                ordered[i], ordered[i + 1] = torch.minimum(a, b), torch.maximum(a, b)
+    mid = rows // 2
+    if rows % 2:
+        return ordered[mid]
+    return (ordered[mid - 1] + ordered[mid]) / 2
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _row_pool() -> ThreadPoolExecutor:
+    """Threads for per-row scatter-adds: torch's CPU ``index_add_`` on one row is serial, and
+    random-access bound, so rows in parallel roughly halve CountSketch time on 2 cores."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sketch-rows")
+        return _POOL
+
+
+def signed_scatter(codes: torch.Tensor, x: torch.Tensor, width: int) -> torch.Tensor:
+    """``out[j, b] = sum_i sign_j(i) x_i [bucket_j(i) = b]`` for signed bucket codes.
+
+    ``codes[j, i]`` in ``[0, 2 * width)`` packs bucket ``code % width`` and sign ``-1`` when
+    ``code >= width``. Positive and negative contributions accumulate in two halves of a
+    ``(rows, 2 * width)`` workspace, so no ``sign * x`` temporary of length d is needed.
+    Each row is accumulated serially by one thread, so CPU results are bitwise reproducible.
+    """
+    rows = codes.shape[0]
+    work = torch.zeros(rows, 2 * width, dtype=torch.float32, device=x.device)
+
+    def accumulate(j: int) -> None:
+        work[j].index_add_(0, codes[j], x)
+
+    workers = torch.get_num_threads()
+    if x.device.type == "cpu" and rows > 1 and workers > 1 and x.numel() >= PARALLEL_MIN_D:
+        list(_row_pool().map(accumulate, range(rows)))
+    else:
+        for j in range(rows):
+            accumulate(j)
+    return work[:, :width] - work[:, width:]
+
+
+def signed_lookup(table: torch.Tensor) -> torch.Tensor:
+    """``[table, -table]`` along the buckets, so that a signed code indexes ``σ · table[bucket]``."""
+    return torch.cat([table, -table], dim=1)
+
+
+def signed_gather(doubled: torch.Tensor, codes: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``out[j, i - start] = sign_j(i) * table[j, bucket_j(i)]`` for ``start <= i < stop``,
+    where ``doubled = signed_lookup(table)``."""
+    return torch.stack([doubled[j].index_select(0, codes[j, start:stop]) for j in range(doubled.shape[0])])
+
+
+def draw_signed_codes(d: int, buckets: int, width: int, g: torch.Generator, offset: int = 0) -> torch.Tensor:
+    """One hash row: uniform bucket ids in ``[offset, offset + buckets)`` and uniform ±1 signs
+    for d coordinates, packed as int32 codes for a table of ``width`` (see ``signed_scatter``).
+    Buckets are drawn first, then signs, from ``g``: that order is part of the definition."""
+    if 2 * width >= 2**31:
+        raise ValueError(f"sketch width {width} too large for int32 hash codes (must be < 2^30)")
+    codes = torch.randint(0, buckets, (d,), generator=g, dtype=torch.int32)
+    negative = torch.randint(0, 2, (d,), generator=g, dtype=torch.int8)
+    if offset:
+        codes.add_(offset)
+    return codes.add_(negative.to(torch.int32).mul_(width))
+
+
+# ---------------------------------------------------------------------------------------
+# base class
+# ---------------------------------------------------------------------------------------
+class SketchOperator(ABC):
+    """A seeded linear map R: R^d -> R^s with a de-sketching map (see the module docstring)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, d: int, s: int, seed: int) -> None:
+        self.d = _positive_int("d", d)
+        self.s = _positive_int("s", s)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = int(seed)
+        self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    # -- public API -------------------------------------------------------------------
+    @property
+    def sketch_shape(self) -> tuple[int, ...]:
+        return (self.s,)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Sketch a length-d vector."""
+        return self._apply(self._check_vector(x))
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """De-sketch: a length-d vector with ``E[adjoint(apply(x))] = x``."""
+        return self._adjoint(self._check_sketch(y))
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of cached random state (CPU copies) this operator keeps alive."""
+        return int(sum(t.numel() * t.element_size() for t in self._state_tensors().values()))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of all the operator's random state: equal on every party that built it."""
+        h = hashlib.sha256(repr((self.kind, self.d, self.s, self.seed)).encode())
+        for name, t in sorted(self._state_tensors().items()):
+            h.update(name.encode())
+            h.update(t.contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(d={self.d}, s={self.s}, seed={self.seed})"
+
+    # -- for subclasses ---------------------------------------------------------------
+    @abstractmethod
+    def _apply(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor: ...
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _on(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The cached CPU tensor ``tensor`` on ``device`` (copied once per device)."""
+        if device.type == "cpu":
+            return tensor
+        key = (name, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = tensor.to(device)
+        return self._device_cache[key]
+
+    def _check_vector(self, x: torch.Tensor) -> torch.Tensor:
+        x = _as_float_tensor(x, "x")
+        if x.dim() != 1 or x.shape[0] != self.d:
+            raise ValueError(f"{self.kind} sketch expects a 1-D vector of length d={self.d}, got shape {tuple(x.shape)}")
+        return x
+
+    def _check_sketch(self, y: torch.Tensor) -> torch.Tensor:
+        y = _as_float_tensor(y, "sketch")
+        if tuple(y.shape) != self.sketch_shape:
+            raise ValueError(f"{self.kind} sketch expects shape {self.sketch_shape}, got {tuple(y.shape)}")
+        return y
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _as_float_tensor(x: Any, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise ValueError(f"{what} must be a real-valued tensor, got {x.dtype}")
+    return x.to(torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# dense operators, regenerated tile by tile
+# ---------------------------------------------------------------------------------------
+class _TiledDenseSketch(SketchOperator):
+    """A dense s×d matrix never held whole: columns come in fixed tiles, each tile from its
+    own generator (seeded by its index), regenerated on every ``apply``/``adjoint``.
+
+    The tile width depends on ``s`` only (``TILE_ENTRIES // s`` columns), never on the memory
+    bound, so every party sees the same matrix whatever its ``max_block_bytes``. Work per
+    call is ``s * d`` random draws, which is why large sizes are refused (``max_entries``).
+    """
+
+    def __init__(self, d: int, s: int, seed: int, *, max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        super().__init__(d, s, seed)
+        self.tile_cols = max(1, TILE_ENTRIES // self.s)
+        self.max_block_bytes = int(max_block_bytes)
+        self.max_entries = int(max_entries)
+        self._refuse_if_too_large()
+
+    def _refuse_if_too_large(self) -> None:
+        tile_bytes = 4 * self.s * min(self.tile_cols, self.d)
+        dense_bytes = 4 * self.s * self.d
+        if tile_bytes > self.max_block_bytes:
+            raise ValueError(
+                f"{self.kind} sketch with d={self.d}, s={self.s}: its smallest block ({min(self.tile_cols, self.d)} "
+                f"column(s) x {self.s} rows, fp32) needs {format_bytes(tile_bytes)}, more than max_block_bytes="
+                f"{format_bytes(self.max_block_bytes)} (the whole matrix would need {format_bytes(dense_bytes)}). "
+                f"Use a smaller sketch size, raise max_block_bytes, or use 'srht' or 'countsketch'.")
+        if self.s * self.d > self.max_entries:
+            raise ValueError(
+                f"{self.kind} sketch with d={self.d}, s={self.s} has s*d={self.s * self.d:.3g} entries "
+                f"({format_bytes(dense_bytes)} as a dense fp32 matrix), all regenerated on every apply and adjoint; "
+                f"that is above max_entries={self.max_entries:.3g}. Use 'srht', 'countsketch' or 'sparsejl' at this d, "
+                f"a smaller sketch, or raise max_entries if you accept the time.")
+
+    @property
+    def num_tiles(self) -> int:
+        return -(-self.d // self.tile_cols)
+
+    def tile(self, index: int) -> torch.Tensor:
+        """Columns ``[index*tile_cols, ...)`` of ``sqrt(s) * R`` as a ``(cols, s)`` CPU fp32 tensor."""
+        start = index * self.tile_cols
+        cols = min(self.tile_cols, self.d - start)
+        return self._draw_tile(cols, seeded_generator(self.seed, self.kind, "tile", index))
+
+    @abstractmethod
+    def _draw_tile(self, cols: int, g: torch.Generator) -> torch.Tensor:
+        """A ``(cols, s)`` tile of unit-variance entries."""
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.zeros(self.s, dtype=torch.float32, device=x.device)
+        for index in range(self.num_tiles):
+            start = index * self.tile_cols
+            tile = self.tile(index).to(x.device)
+            y.addmv_(tile.T, x[start : start + tile.shape[0]])
+        return y.mul_(1.0 / math.sqrt(self.s))
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.d, dtype=torch.float32, device=y.device)
+        for index in range(self.num_tiles):
+            start = index * self.tile_cols
+            tile = self.tile(index).to(y.device)
+            torch.mv(tile, y, out=out[start : start + tile.shape[0]])
+        return out.mul_(1.0 / math.sqrt(self.s))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(repr((self.kind, self.d, self.s, self.seed)).encode())
+        for index in range(self.num_tiles):
+            h.update(self.tile(index).numpy().tobytes())
+        return h.hexdigest()
+
+
+class GaussianSketch(_TiledDenseSketch):
+    """Entries i.i.d. N(0, 1/s). Oracle: E‖RᵀRx‖² = (1 + (d+1)/s)‖x‖²."""
+
+    kind = "gaussian"
+
+    def _draw_tile(self, cols: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(cols, self.s, generator=g, dtype=torch.float32)
+
+
+class RademacherSketch(_TiledDenseSketch):
+    """AMS sketch: entries i.i.d. ±1/√s."""
+
+    kind = "rademacher"
+
+    def _draw_tile(self, cols: int, g: torch.Generator) -> torch.Tensor:
+        bits = torch.randint(0, 2, (cols, self.s), generator=g, dtype=torch.int8)
+        return bits.to(torch.float32).mul_(2).sub_(1)
+
+
+# ---------------------------------------------------------------------------------------
+# SRHT
+# ---------------------------------------------------------------------------------------
+class SRHT(SketchOperator):
+    """Subsampled randomized Hadamard transform ``R = sqrt(n/s) · P · H · D``.
+
+    ``x`` is zero-padded to ``n = next_power_of_two(d)``; ``D`` is a random ±1 diagonal, ``H``
+    the orthonormal Walsh–Hadamard transform (``fwht``, O(n log n), no dense matrix), ``P``
+    keeps ``s`` of the ``n`` rows, a uniform subset without replacement (kept in increasing
+    order). ``E[PᵀP] = (s/n) I`` gives ``E[RᵀR] = I``; the spec's ``sqrt(d/s)`` becomes
+    ``sqrt(n/s)`` once padded. Extra memory per call: one length-n buffer (<= 2d floats).
+    """
+
+    kind = "srht"
+
+    def __init__(self, d: int, s: int, seed: int) -> None:
+        super().__init__(d, s, seed)
+        self.n = next_power_of_two(self.d)
+        if self.s > self.n:
+            raise ValueError(f"srht sketch size s={self.s} exceeds the padded dimension n={self.n} (d={self.d})")
+        self.scale = math.sqrt(self.n / self.s)
+        bits = torch.randint(0, 2, (self.d,), generator=seeded_generator(self.seed, self.kind, "signs"), dtype=torch.int8)
+        self.signs = bits.to(torch.float32).mul_(2).sub_(1)
+        rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, self.kind, "rows")))
+        self.rows = torch.from_numpy(np.sort(rng.choice(self.n, size=self.s, replace=False)).astype(np.int64))
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"signs": self.signs, "rows": self.rows}
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        buf = torch.zeros(self.n, dtype=torch.float32, device=x.device)
+        torch.mul(x, self._on("signs", self.signs, x.device), out=buf[: self.d])
+        fwht_(buf)
+        return buf[self._on("rows", self.rows, x.device)].mul_(self.scale)
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        buf = torch.zeros(self.n, dtype=torch.float32, device=y.device)
+        buf[self._on("rows", self.rows, y.device)] = y * self.scale
+        fwht_(buf)
+        return buf[: self.d].mul_(self._on("signs", self.signs, y.device))
+
+
+# ---------------------------------------------------------------------------------------
+# hashing sketches: CountSketch and sparse JL
+# ---------------------------------------------------------------------------------------
+class CountSketch(SketchOperator):
+    """``rows`` independent CountSketch rows of ``s`` buckets; ``apply`` gives a ``(rows, s)`` table.
+
+    Hashes: for row j, bucket ``h_j(i)`` and sign ``σ_j(i)`` are independent uniform draws from
+    a generator seeded with ``derive_seed(seed, "countsketch", "row", j)``, stored as tables
+    (fully random hash functions, stronger than the 2-wise buckets / 4-wise signs FetchSGD's
+    analysis needs) and cached: 4 bytes per coordinate per row, sign packed into the code.
+
+    Normalisation: the table holds the plain counters ``T[j, b] = Σ_{h_j(i)=b} σ_j(i) x_i`` (as in
+    FetchSGD), so ``σ_j(i) T[j, h_j(i)]`` is an unbiased estimate of ``x_i`` in every row.
+    ``adjoint(T)`` is the mean of those row estimates, ``(1/rows) Σ_j S_jᵀ T_j`` — the exact
+    transpose divided by ``rows`` — so ``E[adjoint(apply(x))] = x`` and
+    ``<apply(x), T> = rows · <x, adjoint(T)>``. ``estimate(T)`` is the median over rows
+    (robust, not linear); ``topk`` recovers heavy hitters from it. Tables of different
+    clients may be summed before either: ``apply`` is linear.
+    """
+
+    kind = "countsketch"
+
+    def __init__(self, d: int, s: int, seed: int, *, rows: int = 5) -> None:
+        super().__init__(d, s, seed)
+        self.rows = _positive_int("rows", rows)
+        self.codes = torch.stack([
+            draw_signed_codes(self.d, self.s, self.s, seeded_generator(self.seed, self.kind, "row", j))
+            for j in range(self.rows)
+        ])
+
+    @property
+    def sketch_shape(self) -> tuple[int, ...]:
+        return (self.rows, self.s)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes}
+
+    def __repr__(self) -> str:
+        return f"CountSketch(d={self.d}, s={self.s}, rows={self.rows}, seed={self.seed})"
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        return signed_scatter(self._on("codes", self.codes, x.device), x, self.s)
+
+    def _adjoint(self, table: torch.Tensor) -> torch.Tensor:
+        codes = self._on("codes", self.codes, table.device)
+        doubled = signed_lookup(table)
+        out = torch.empty(self.d, dtype=torch.float32, device=table.device)
+        for start in range(0, self.d, GATHER_CHUNK):
+            stop = min(self.d, start + GATHER_CHUNK)
+            out[start:stop] = signed_gather(doubled, codes, start, stop).mean(dim=0)
+        return out
+
+    def estimate(self, table: torch.Tensor) -> torch.Tensor:
+        """Median-over-rows estimate of every coordinate (length d). Not linear in ``table``."""
+        table = self._check_sketch(table)
+        codes = self._on("codes", self.codes, table.device)
+        doubled = signed_lookup(table)
+        out = torch.empty(self.d, dtype=torch.float32, device=table.device)
+        for start in range(0, self.d, GATHER_CHUNK):
+            stop = min(self.d, start + GATHER_CHUNK)
+            out[start:stop] = median_of_rows(signed_gather(doubled, codes, start, stop))
+        return out
+
+    def topk(self, table: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heavy hitters: (indices ascending, int64; median estimates, fp32) of the k
+        coordinates with the largest estimated magnitude."""
+        k = _positive_int("k", k)
+        if k > self.d:
+            raise ValueError(f"k={k} exceeds d={self.d}")
+        estimate = self.estimate(table)
+        indices = torch.topk(estimate.abs(), k, sorted=False).indices.sort().values
+        return indices, estimate[indices]
+
+    def buckets(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(rows, len(indices))`` bucket ids of the given coordinates, for zeroing the
+        buckets of extracted coordinates (FetchSGD's momentum / error reset)."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.d):
+            raise ValueError(f"indices must lie in [0, {self.d})")
+        return (self.codes[:, indices.cpu()].to(torch.int64) % self.s).to(indices.device)
+
+
+class SparseJL(SketchOperator):
+    """Sparse Johnson–Lindenstrauss: k non-zeros of ±1/√k per column (Kane–Nelson block form).
+
+    The s rows are split into k contiguous blocks; column i gets one non-zero per block, at a
+    uniform row of that block with a uniform sign (so the k rows are distinct). Each column
+    then has squared norm exactly 1 and off-diagonal products with zero-mean signs:
+    ``E[RᵀR] = I``. ``adjoint`` is the exact transpose.
+    """
+
+    kind = "sparsejl"
+
+    def __init__(self, d: int, s: int, seed: int, *, k: int = 4) -> None:
+        super().__init__(d, s, seed)
+        self.k = _positive_int("k", k)
+        if self.k > self.s:
+            raise ValueError(f"sparsejl needs k <= s, got k={self.k}, s={self.s}")
+        bounds = [(b * self.s) // self.k for b in range(self.k + 1)]
+        self.codes = torch.stack([
+            draw_signed_codes(self.d, bounds[b + 1] - bounds[b], self.s,
+                              seeded_generator(self.seed, self.kind, "block", b), offset=bounds[b])
+            for b in range(self.k)
+        ])
+        self.scale = 1.0 / math.sqrt(self.k)
+
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes}
+
+    def __repr__(self) -> str:
+        return f"SparseJL(d={self.d}, s={self.s}, k={self.k}, seed={self.seed})"
+
+    def _apply(self, x: torch.Tensor) -> torch.Tensor:
+        return signed_scatter(self._on("codes", self.codes, x.device), x, self.s).sum(dim=0).mul_(self.scale)
+
+    def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        codes = self._on("codes", self.codes, y.device)
+        doubled = signed_lookup(y.unsqueeze(0)).expand(self.k, 2 * self.s)
+        out = torch.empty(self.d, dtype=torch.float32, device=y.device)
+        for start in range(0, self.d, GATHER_CHUNK):
+            stop = min(self.d, start + GATHER_CHUNK)
+            out[start:stop] = signed_gather(doubled, codes, start, stop).sum(dim=0)
+        return out.mul_(self.scale)
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+# ---------------------------------------------------------------------------------------
+OPERATORS: dict[str, type[SketchOperator]] = {
+    cls.kind: cls for cls in (GaussianSketch, RademacherSketch, SRHT, CountSketch, SparseJL)
+}
+
+
+def make_operator(kind: str, d: int, s: int, seed: int, **options: Any) -> SketchOperator:
+    """Build a sketch operator by name (``gaussian``, ``rademacher``, ``srht``, ``countsketch``,
+    ``sparsejl``); ``options`` go to its constructor (``rows``, ``k``, ``max_block_bytes``, ...)."""
+    if kind not in OPERATORS:
+        raise ValueError(f"unknown sketch operator {kind!r}; choose one of {sorted(OPERATORS)}")
+    try:
+        return OPERATORS[kind](d, s, seed, **options)
+    except TypeError as exc:  # an option the operator does not take
+        raise ValueError(f"bad options for sketch operator {kind!r}: {exc}") from None
