@@ -42,6 +42,7 @@ Flower's types from them.
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any, Sequence
 
 import dp_accounting
@@ -96,19 +97,19 @@ def _nonnegative_int(name: str, value: Any) -> int:
 
 
 def _check_delta(delta: Any) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < float(delta) < 1.0:
+    if isinstance(delta, bool) or not isinstance(delta, Real) or not 0.0 < float(delta) < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     return float(delta)
 
 
 def _check_noise_multiplier(z: Any) -> float:
-    if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z < 0:
+    if isinstance(z, bool) or not isinstance(z, Real) or not math.isfinite(z) or z < 0:
         raise ValueError(f"noise_multiplier (z) must be non-negative and finite, got {z!r}")
     return float(z)
 
 
 def _check_epsilon_budget(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps <= 0:
+    if isinstance(eps, bool) or not isinstance(eps, Real) or math.isnan(eps) or eps <= 0:
         raise ValueError(f"eps_budget must be positive, got {eps!r}")
     return float(eps)
 
@@ -140,7 +141,7 @@ def resolve_sampling(sampling: str, sampling_probability: float | None = None, c
             raise ValueError("sampling='poisson' needs sampling_probability (q) or cohort_size and population_size")
         return m / n, m, n
     q = sampling_probability
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < float(q) <= 1.0:
+    if isinstance(q, bool) or not isinstance(q, Real) or not 0.0 < float(q) <= 1.0:
         raise ValueError(f"sampling_probability (q) must be in (0, 1], got {q!r}")
     return float(q), m, n
 

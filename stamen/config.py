@@ -216,17 +216,17 @@ def to_flat(cfg: StamenConfig) -> dict[str, Any]:
 
 
 def from_flat(flat: dict[str, Any]) -> StamenConfig:
-    """Build a config from Flower's flattened run_config.
+    """Build a config from Flower's run_config.
 
-    ``config-file`` (if set) names a TOML file loaded first; every other ``section.key``
-    entry overrides it. Empty-string entries are ignored.
+    ``config-file`` (if set) names a TOML file loaded first; ``overrides`` holds
+    ``;``-separated ``section.key=value`` items; any other ``section.key`` entry is an
+    override too. Empty-string entries are ignored.
     """
-    base: dict[str, Any] = {}
-    path = flat.get("config-file", "")
-    if path:
-        base = read_toml(path)
+    base: dict[str, Any] = read_toml(flat["config-file"]) if flat.get("config-file") else {}
+    items = [i.strip() for i in str(flat.get("overrides", "")).split(";") if i.strip()]
+    base = apply_overrides(base, items)
     for key, value in flat.items():
-        if key == "config-file" or value == "":
+        if key in ("config-file", "overrides") or value == "":
             continue
         parts = key.split(".")
         node = base

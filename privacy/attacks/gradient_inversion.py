@@ -330,6 +330,11 @@ def run_attack_trials(model: nn.Module, inputs: Tensor, labels: Tensor, *, attac
     ``inputs`` has shape ``(n, *input_shape)``, split into ``n // batch_size``
     batches. The noise on the observed update and the attacker's initialisation
     draw from separate generators seeded by ``seed``, so trials are reproducible.
+    Reconstructions are matched to the originals (:func:`match_reconstructions`)
+    before MSE/PSNR; labels are compared as multisets (a batch has no order).
+
+    On a tiny model, ``torch.set_num_threads(1)`` is usually faster: OpenMP
+    threads only add contention at these sizes.
     """
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {sorted(ATTACKS)}, got {attack!r}")
