@@ -14,9 +14,10 @@ For every size d and every registered codec (default options) it reports:
   Method: the kernel's high-water mark. We reset it (``/proc/self/clear_refs`` ← 5), read
   ``VmRSS`` before the call and ``VmHWM`` after; the difference is the most memory the call
   held above what was already resident, including its output. glibc would otherwise serve
-  large blocks from freed heap memory that is already resident (hiding them), so the script
-  re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536``: every block over 64 KiB is a
-  fresh mapping that is returned on free. Linux only; other systems print "n/a".
+  large blocks from freed heap memory that is already resident (hiding them), so memory is
+  measured in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536`` (every block
+  over 64 KiB is a fresh mapping, returned on free); timings are taken in this process with
+  the ordinary allocator, so page faults do not distort them. Linux only, else "n/a".
 * ``cache``: random state the cached operator keeps alive between calls (not in ``peak``).
 
 Codecs that refuse a size (the dense Gaussian/Rademacher sketches at large d) are listed
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from typing import Any, Callable
@@ -89,25 +91,36 @@ def extra_peak_bytes(fn: Callable[[], Any]) -> int | None:
 
 
 # -- one codec at one size -------------------------------------------------------------------
-def bench_codec(name: str, x: torch.Tensor, ctx: CodecContext, copy_s: float, repeats: int, budget_s: float) -> dict:
-    d = x.numel()
+def setup(d: int) -> tuple[torch.Tensor, CodecContext]:
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    return x, CodecContext(seed=0, round=1, layout=Layout(("update",), ((d,),)), node=0)
+
+
+def warm_codec(name: str, x: torch.Tensor, ctx: CodecContext) -> tuple[Any, dict, float] | str:
+    """(codec, payload, seconds of the first encode) with the operator built, or the refusal."""
     codec = make_codec(name)
     clear_operator_cache()
-    row: dict[str, Any] = {"codec": name, "d": d, "linear": codec.linear}
     try:
         start = time.perf_counter()
         payload = codec.encode(x, ctx, {})
-        row["first_encode_s"] = time.perf_counter() - start
+        return codec, payload, time.perf_counter() - start
     except ValueError as exc:
-        row["refused"] = str(exc)
+        return str(exc)
+
+
+def time_codec(name: str, x: torch.Tensor, ctx: CodecContext, copy_s: float, repeats: int, budget_s: float) -> dict:
+    d = x.numel()
+    row: dict[str, Any] = {"codec": name, "d": d, "linear": CODECS[name].linear}
+    warm = warm_codec(name, x, ctx)
+    if isinstance(warm, str):
+        row["refused"] = warm
         return row
+    codec, payload, row["first_encode_s"] = warm
     row["payload_bytes"] = codec.payload_bytes(payload)
     row["cache_bytes"] = codec.operator(ctx).state_bytes if isinstance(codec, SketchCodec) else 0
-    encode = lambda: codec.encode(x, ctx, {})  # noqa: E731  (fresh state: no error feedback carried)
-    decode = lambda: codec.decode(payload, ctx)  # noqa: E731
-    row["encode_peak_bytes"] = extra_peak_bytes(encode)
-    row["decode_peak_bytes"] = extra_peak_bytes(decode)
-    for what, fn in (("encode", encode), ("decode", decode)):
+    calls = {"encode": lambda: codec.encode(x, ctx, {}),  # fresh state: no error feedback carried over
+             "decode": lambda: codec.decode(payload, ctx)}
+    for what, fn in calls.items():
         seconds = best_time(fn, repeats, budget_s)
         row[f"{what}_s"] = seconds
         row[f"{what}_gbps"] = 4 * d / seconds / 1e9
@@ -115,15 +128,48 @@ def bench_codec(name: str, x: torch.Tensor, ctx: CodecContext, copy_s: float, re
     return row
 
 
-def bench_size(d: int, codecs: list[str], repeats: int, budget_s: float) -> tuple[dict, list[dict]]:
-    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
-    ctx = CodecContext(seed=0, round=1, layout=Layout(("update",), ((d,),)), node=0)
-    copy_s = best_time(lambda: x.clone(), max(repeats, 5), budget_s)
-    baseline = {"d": d, "copy_s": copy_s, "copy_gbps": 4 * d / copy_s / 1e9, "copy_peak_bytes": extra_peak_bytes(x.clone)}
+def memory_probe(d: int, codecs: list[str]) -> dict:
+    """Extra peak bytes of clone/encode/decode per codec (run in the MALLOC_MMAP_THRESHOLD_ child)."""
+    x, ctx = setup(d)
+    out: dict[str, Any] = {"x.clone()": {"copy": extra_peak_bytes(x.clone)}}
+    for name in codecs:
+        warm = warm_codec(name, x, ctx)
+        if isinstance(warm, str):
+            continue
+        codec, payload, _ = warm
+        out[name] = {"encode": extra_peak_bytes(lambda: codec.encode(x, ctx, {})),
+                     "decode": extra_peak_bytes(lambda: codec.decode(payload, ctx))}
+        del codec, payload
+        clear_operator_cache()
+    return out
+
+
+def probe_memory_in_child(d: int, codecs: list[str], threads: int) -> dict:
+    if not sys.platform.startswith("linux"):
+        return {}
+    cmd = [sys.executable, "-m", "stamen.benchmarks.codec_throughput", "--memory-probe", str(d),
+           "--codecs", ",".join(codecs), "--threads", str(threads)]
+    proc = subprocess.run(cmd, env={**os.environ, MMAP_ENV: "65536"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"memory probe failed for d={d}: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_size(d: int, codecs: list[str], repeats: int, budget_s: float, threads: int) -> tuple[dict, list[dict]]:
+    memory = probe_memory_in_child(d, codecs, threads)
+    x, ctx = setup(d)
+    copy_s = best_time(lambda: x.clone(), max(repeats, 20), budget_s)
+    baseline = {"d": d, "copy_s": copy_s, "copy_gbps": 4 * d / copy_s / 1e9,
+                "copy_peak_bytes": memory.get("x.clone()", {}).get("copy")}
+    print(format_baseline(baseline), flush=True)
     rows = []
     for name in codecs:
-        rows.append(bench_codec(name, x, ctx, copy_s, repeats, budget_s))
-        print(format_row(rows[-1]), flush=True)
+        row = time_codec(name, x, ctx, copy_s, repeats, budget_s)
+        row["encode_peak_bytes"] = memory.get(name, {}).get("encode")
+        row["decode_peak_bytes"] = memory.get(name, {}).get("decode")
+        rows.append(row)
+        print(format_row(row), flush=True)
     return baseline, rows
 
 
@@ -153,22 +199,25 @@ def format_baseline(base: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if MMAP_ENV not in os.environ and sys.platform.startswith("linux"):
-        env = {**os.environ, MMAP_ENV: "65536"}
-        os.execve(sys.executable, [sys.executable, "-m", "stamen.benchmarks.codec_throughput", *argv], env)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("1e5,1e6,1e7"))
     parser.add_argument("--codecs", default="", help="comma-separated codec names (default: all registered)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of repeats per measurement, at most")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: torch's choice); 1 gives stable numbers on a busy machine")
     parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)  # internal: child mode
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     make_codec("dense")  # registers every built-in codec
     codecs = [c for c in args.codecs.split(",") if c] or sorted(CODECS)
     unknown = sorted(set(codecs) - set(CODECS))
     if unknown:
         parser.error(f"unknown codecs {unknown}; choose from {sorted(CODECS)}")
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, codecs)))
+        return 0
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print("payload/peak/cache are multiples of the fp32 update size 4*d; x/copy = throughput relative to x.clone()")
@@ -176,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
                "baselines": [], "rows": []}
     for d in args.sizes:
-        print(format_baseline_placeholder(d), flush=True)
-        baseline, rows = bench_size(d, codecs, args.repeats, args.budget)
-        print(format_baseline(baseline), flush=True)
+        baseline, rows = bench_size(d, codecs, args.repeats, args.budget, args.threads)
         results["baselines"].append(baseline)
         results["rows"].extend(rows)
     if args.out:
@@ -188,10 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp, args.out)  # nothing half-written
         print(f"wrote {args.out}")
     return 0
-
-
-def format_baseline_placeholder(d: int) -> str:
-    return f"{'-' * 8} d = {d:.0e} {'-' * 8}"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from stamen import protocol as P
-from stamen.client.trainers import TrainJob, TrainSettings, get_trainer
+from stamen.client.faults import before_training, byzantine_partitions, corrupt_update, flip_labels
+from stamen.client.trainers import TrainJob, TrainSettings, _load_trainer_plugins, get_trainer
 from stamen.config import StamenConfig, from_flat
 from stamen.sketching.codec import Codec, CodecContext, derive_seed, make_codec
 from stamen.tasks.task import Task, evaluate, get_weights, load_task, set_weights
@@ -86,6 +87,9 @@ def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     pid = _partition_id(context)
     X, y = w.task.data.client(pid)
     config = dict(msg.content.config_records[P.CONFIG])
+    if cfg.task.curriculum != "vanilla" and "trainer" not in config:  # task.curriculum: data ordering, any strategy
+        from stamen.client.trainers_curriculum import task_curriculum_options
+        config.update(task_curriculum_options(cfg.task))
     server_round = int(config["server-round"])
     job = TrainJob(options=config, state=context.state, task=w.task, partition_id=pid,
                    server_round=server_round, seed=cfg.run.seed)
@@ -95,6 +99,15 @@ def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     global_weights = DOWNLINKS[downlink](msg.content, job)
     set_weights(w.model, global_weights)
 
+    faults = cfg.faults
+    faults_on = faults != type(faults)()
+    byzantine = faults_on and pid in byzantine_partitions(cfg.run.seed, cfg.federation.clients,
+                                                          faults.byzantine_fraction)
+    if faults_on:
+        before_training(faults, cfg.run.seed, server_round, pid)
+    if byzantine and faults.byzantine_attack == "label_flip":
+        y = flip_labels(y, w.task.data.num_classes)
+
     settings = TrainSettings.from_task(cfg.task, w.device, proximal_mu=float(config.get("proximal-mu", 0.0)))
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "batches", pid))
     trainer = get_trainer(str(config.get("trainer", "sgd")))
@@ -102,9 +115,17 @@ def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
 
     layout = w.task.layout
     delta = layout.flatten(get_weights(w.model)) - layout.flatten(global_weights)
+    if byzantine:
+        delta = corrupt_update(delta, faults.byzantine_attack, faults.byzantine_scale,
+                               torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "byzantine", pid)))
+    from stamen.client.privacy_hooks import apply_client_privacy, apply_payload_privacy  # dp-* config entries
+
+    dp_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "dp-local", pid))
+    delta = apply_client_privacy(delta, config, dp_gen, layout.numels, job.metrics)
     codec = _codec(cfg, config)
     state = _codec_state(context)
     payload = codec.encode(delta, CodecContext(cfg.run.seed, server_round, layout, node=pid), state)
+    payload = apply_payload_privacy(payload, config, dp_gen, job.metrics)
     _store_codec_state(context, state)
     metrics = {P.NUM_EXAMPLES: len(y), "train_loss": train_loss, "local_steps": steps, **job.metrics}
     return Message(content=P.train_reply(payload, metrics, codec.name, pid), reply_to=msg)
@@ -122,6 +143,8 @@ def handle_evaluate(cfg: StamenConfig, msg: Message, context: Context) -> Messag
 def handle_query(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     kind = msg.content.config_records[P.CONFIG].get("query", "") if P.CONFIG in msg.content.config_records else ""
     if kind:
+        if kind not in QUERIES:
+            _load_trainer_plugins()  # trainers_* modules may register query handlers
         if kind not in QUERIES:
             raise ValueError(f"unknown query {kind!r}; known: {sorted(QUERIES)}")
         return Message(content=QUERIES[kind](cfg, msg, context), reply_to=msg)

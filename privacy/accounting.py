@@ -41,6 +41,8 @@ Flower's types from them.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from numbers import Real
 from typing import Any, Sequence
@@ -76,6 +78,23 @@ _PLD_GAUSSIAN_CONVERSION = ("T unsampled Gaussian rounds = one Gaussian with mul
 
 DEFAULT_PLD_DISCRETIZATION = 1e-4  # dp-accounting's own default
 DEFAULT_MAX_ROUNDS = 10**7
+
+
+@contextlib.contextmanager
+def _quiet_rdp_orders():
+    """Silence dp-accounting's per-order "failed to converge ... Excluding this order" warnings.
+
+    For large q and small orders the RDP series does not converge; dp-accounting drops those
+    orders (the bound stays valid, the optimum is at larger orders) and logs one absl warning
+    per order and per query, which would flood a run's log.
+    """
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -288,7 +307,8 @@ class Accountant:
         if not math.isfinite(order) or order <= 1:
             raise ValueError(f"order must be finite and > 1, got {order!r}")
         backend = dp_rdp.RdpAccountant(orders=[order], neighboring_relation=_RELATION[self.sampling])
-        backend.compose(composed_event(self.event, rounds))
+        with _quiet_rdp_orders():
+            backend.compose(composed_event(self.event, rounds))
         return float(backend.rdp[0])
 
     def describe(self) -> dict[str, Any]:
@@ -348,7 +368,8 @@ class Accountant:
         """
         if self._one_round_rdp is None:
             backend = dp_rdp.RdpAccountant(orders=self.orders, neighboring_relation=_RELATION[self.sampling])
-            backend.compose(self.event)
+            with _quiet_rdp_orders():
+                backend.compose(self.event)
             self._one_round_rdp, self._rdp_orders = backend.rdp, backend.orders
         eps, _ = dp_rdp.compute_epsilon(self._rdp_orders, rounds * self._one_round_rdp, self.delta)
         return float(eps)

@@ -24,7 +24,8 @@ from stamen.config import StamenConfig
 from stamen.server.results import CheckpointError, RunDirectory, write_plots
 from stamen.sketching.codec import make_codec
 from stamen.strategies.registry import build_strategy
-from stamen.server.evaluation import central_evaluation
+from stamen.server.faults import with_transport_faults
+from stamen.server.evaluation import central_evaluation, evaluation_summary
 from stamen.tasks.task import Task, load_task, set_weights
 
 log = logging.getLogger("stamen.server")
@@ -67,22 +68,21 @@ def discover_nodes(grid, expected: int, timeout: float) -> dict[int, int]:
     return nodes
 
 
-class _Bytes:
-    """Serialized sizes, computed once per distinct RecordDict (broadcasts share one)."""
+def count_bytes(messages: list[Message]) -> int:
+    """Serialized size of the messages' contents; a broadcast's shared RecordDict is sized once.
 
-    def __init__(self):
-        self._seen: dict[int, int] = {}
-
-    def __call__(self, messages: list[Message]) -> int:
-        total = 0
-        for m in messages:
-            if m.has_error():
-                continue
-            key = id(m.content)
-            if key not in self._seen:
-                self._seen[key] = P.content_bytes(m.content)
-            total += self._seen[key]
-        return total
+    (Caching by ``id`` is safe only while the messages are alive, i.e. within this call.)
+    """
+    sizes: dict[int, int] = {}
+    total = 0
+    for m in messages:
+        if m.has_error():
+            continue
+        key = id(m.content)
+        if key not in sizes:
+            sizes[key] = P.content_bytes(m.content)
+        total += sizes[key]
+    return total
 
 
 def versions() -> dict[str, str]:
@@ -117,18 +117,25 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
 
     timeout = cfg.federation.round_timeout_s
     nodes = discover_nodes(grid, cfg.federation.clients, timeout)
+    grid = with_transport_faults(grid, cfg)
+    round_timeout = cfg.faults.round_deadline_s or timeout
     strategy.bind(seed=cfg.run.seed, nodes=nodes, layout=task.layout, codec=codec,
                   fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate)
+    strategy.min_replies = cfg.faults.min_replies
     if strategy_state is not None:
         strategy.load_state_dict(strategy_state)
 
-    count_bytes = _Bytes()
     current = P.to_array_record(arrays)
+    stopped = None
     for rnd in range(start, cfg.run.rounds + 1):
+        stopped = strategy.stop_reason(rnd)
+        if stopped:
+            log.warning("stopping before round %d: %s", rnd, stopped)
+            break
         t0 = time.perf_counter()
         messages = list(strategy.configure_train(rnd, current, ConfigRecord(), grid))
         down = count_bytes(messages)
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        replies = list(grid.send_and_receive(messages, timeout=round_timeout))
         up = count_bytes(replies)
         new, train_metrics = strategy.aggregate_train(rnd, replies)
         if new is not None:
@@ -137,15 +144,17 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
             "round": rnd,
             "clients": len(strategy.last_participants),
             "rejected": len(strategy.last_rejected),
+            "missing": max(0, len(messages) - len(replies)),
+            "failed": new is None,
             "uplink_bytes": up,
             "downlink_bytes": down,
             "train_loss": _metric(train_metrics, "train_loss"),
         }
         row.update(strategy.round_metrics(rnd))
-        row.update(_federated_evaluation(strategy, rnd, current, grid, timeout, count_bytes))
+        row.update(_federated_evaluation(strategy, rnd, current, grid, timeout))
         if rnd % cfg.eval.every == 0 or rnd == cfg.run.rounds:
             set_weights(model, P.from_array_record(current))
-            row.update(central_evaluation(model, task, cfg, rnd))
+            row.update(central_evaluation(model, task, cfg, rnd, strategy))
         else:
             row.update(test_loss=None, test_accuracy=None)
         row["wall_s"] = time.perf_counter() - t0
@@ -157,6 +166,10 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
             on_round(row)
 
     summary = _summary(cfg, rows, task)
+    summary.update(evaluation_summary(cfg, task, strategy, rows))
+    summary.update(strategy.summary_metrics())
+    if stopped:
+        summary["stopped"] = stopped
     run.write_summary(summary)
     write_plots(run)
     return summary
@@ -174,7 +187,7 @@ def _load_resume_state(run: RunDirectory, cfg: StamenConfig):
     return done + 1, rows, ck["arrays"], ck["strategy"]
 
 
-def _federated_evaluation(strategy, rnd, current, grid, timeout, count_bytes) -> dict[str, Any]:
+def _federated_evaluation(strategy, rnd, current, grid, timeout) -> dict[str, Any]:
     messages = list(strategy.configure_evaluate(rnd, current, ConfigRecord(), grid))
     if not messages:
         return {}
@@ -210,6 +223,7 @@ def _summary(cfg: StamenConfig, rows: list[dict[str, Any]], task: Task) -> dict[
         "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
         "total_rejected": sum(r["rejected"] for r in rows),
+        "failed_rounds": sum(1 for r in rows if r.get("failed")),
         "wall_s": sum(r["wall_s"] for r in rows),
         "versions": versions(),
     }

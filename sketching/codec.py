@@ -157,7 +157,9 @@ class Codec(ABC):
     @staticmethod
     def expect_finite_result(vec: torch.Tensor, codec: str) -> torch.Tensor:
         """Reject a decoded vector that overflowed (finite payload values can still be too large)."""
-        if not bool(torch.isfinite(vec).all()):
+        # numpy's isfinite makes one bool temporary; torch's also makes a float |vec| copy
+        finite = np.isfinite(vec.numpy()).all() if vec.device.type == "cpu" else torch.isfinite(vec).all()
+        if not bool(finite):
             raise PayloadError(f"codec {codec!r}: decoding produced NaN or infinite values (payload values too large)")
         return vec
 

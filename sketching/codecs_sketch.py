@@ -127,6 +127,8 @@ class SketchCodec(Codec):
             weights = [1.0] * len(payloads)
         if len(weights) != len(payloads):
             raise ValueError(f"combine got {len(payloads)} payloads but {len(weights)} weights")
+        if not all(np.isfinite(float(w)) for w in weights):
+            raise ValueError(f"combine weights must be finite numbers, got {list(weights)}")
         total = torch.zeros(self.payload_shape(ctx.d), dtype=torch.float32)
         for payload, weight in zip(payloads, weights):
             total.add_(self.read_sketch(payload, ctx), alpha=float(weight))

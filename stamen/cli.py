@@ -132,6 +132,139 @@ def list_() -> None:
     console.print(t)
 
 
+@app.command()
+def sweep(
+    study: Path = typer.Argument(..., help="Study file (TOML): a base config, [grid] axes, [[points]], seeds."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Study directory (default sweeps/<study name>); "
+                                       "rerunning into it skips finished points and resumes interrupted ones."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Points run in parallel, each in its own process."),
+    engine: str = typer.Option("simulation", "--engine", help="simulation (Flower's engine on Ray) or inprocess "
+                               "(the same server loop and clients in one process: fast, same metrics)."),
+    log: Optional[str] = typer.Option(None, "--log", help="Also log every point to tensorboard or mlflow "
+                                      "(needs that package)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the study and list its points; run nothing."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and Flower's log."),
+) -> None:
+    """Run a trade-off study: every point of a grid / list of configs, results.csv and study.json."""
+    from stamen import sweep as S
+
+    try:
+        st = S.load_study(study)
+        out_dir = out or Path("sweeps") / st.name
+        S.fit_jobs(st, engine, jobs)
+        if log:
+            S.make_logger(log, out_dir, st)
+        plans = [S.plan_point(p, out_dir / "runs" / p.id) for p in st.runs]
+    except user_errors() as err:
+        _fail(err, debug)
+
+    todo = sum(p.action != "skip" for p in plans)
+    console.print(f"[bold]stamen sweep[/] {st.name}: {len(st.runs)} points ({todo} to run, "
+                  f"{len(st.runs) - todo} finished), engine {engine}, {jobs} job(s) → {out_dir}")
+    if dry_run:
+        t = Table(title=f"study {st.name}")
+        t.add_column("point"), t.add_column("overrides"), t.add_column("action")
+        for p in plans:
+            t.add_row(p.point.id, p.point.label, p.action + (f" ({p.reason})" if p.reason else ""))
+        console.print(t)
+        return
+    try:
+        with S.RichSweepReporter(console) as reporter:
+            result = S.run_study(st, out_dir, engine=engine, jobs=jobs, reporter=reporter, log_to=log, verbose=debug)
+    except user_errors() as err:
+        _fail(err, debug)
+    console.print(f"ran {len(result.ran)} ({len(result.resumed)} resumed), skipped {len(result.skipped)} finished, "
+                  f"failed {len(result.failed)} → {result.csv_path}")
+    if result.failed:
+        for pid, error in result.failed.items():
+            err_console.print(f"[bold red]failed:[/] {pid}: {error} (see {out_dir / 'runs' / pid / 'error.txt'})")
+        err_console.print("rerun the same command to retry the failed points (finished ones are skipped)")
+        raise typer.Exit(code=1)
+    console.print(f"next: stamen report {out_dir}")
+
+
+@app.command()
+def report(
+    dirs: list[Path] = typer.Argument(..., help="Run directories and/or study directories (from stamen sweep)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Report directory (default: STUDY/report for "
+                                       "one study, else ./report)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Compare runs: a table (mean ± std over seeds), accuracy per round, Pareto fronts; PNG, markdown, HTML."""
+    from stamen.report import build_report
+
+    try:
+        rep = build_report(dirs, out)
+    except user_errors() as err:
+        _fail(err, debug)
+    t = Table(title=f"{sum(len(g.runs) for g in rep.groups)} runs in {len(rep.groups)} groups (mean ± std over seeds)")
+    for h in rep.table.headers:
+        t.add_column(h, justify="left" if h in rep.table.headers[:1] else "right")
+    for row in rep.table.rows:
+        t.add_row(*row)
+    console.print(t)
+    for path in [rep.markdown, rep.html, *rep.figures.values()]:
+        console.print(f"wrote {path}")
+
+
+from stamen.deploy.cli import deploy_app  # noqa: E402  (typer-only module: keeps `stamen --help` fast)
+
+app.add_typer(deploy_app, name="deploy")
+
+
+@app.command()
+def attack(
+    attack_: str = typer.Option("ig", "--attack", help="dlg (Zhu et al. 2019, iDLG labels) | ig (Geiping et al. 2020)."),
+    sketch: str = typer.Option("gaussian", "--sketch", help="Sketch codec the attacker knows: gaussian, rademacher, "
+                               "countsketch, sparsejl."),
+    sketch_ratio: list[float] = typer.Option([0.0], "--sketch-ratio", help="s/d of the sketch; 0 = raw update "
+                                             "(repeatable)."),
+    noise_multiplier: list[float] = typer.Option([0.0], "--noise-multiplier", "-z",
+                                                 help="z: noise std z·C on the observed update (repeatable)."),
+    clip: float = typer.Option(1.0, "--clip", help="C: L2 clip norm of the observed update (sketch space when sketched)."),
+    inputs: int = typer.Option(4, "--inputs", help="How many digits to reconstruct (one example per update)."),
+    seeds: list[int] = typer.Option([0], "--seeds", help="Attack seeds (repeatable)."),
+    iterations: int = typer.Option(300, "--iterations", help="Optimizer iterations of the attack."),
+    hidden: int = typer.Option(16, "--hidden", help="Hidden width of the sigmoid MLP under attack."),
+    rows: int = typer.Option(1, "--rows", help="CountSketch rows (with --sketch countsketch)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results as JSON here."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Gradient inversion against raw, sketched and noised single-example updates (8×8 digits)."""
+    import json
+
+    import torch
+
+    from stamen.privacy.attacks.study import leakage_study
+
+    torch.set_num_threads(1)  # tiny model: extra threads only contend
+    try:
+        if inputs < 1 or iterations < 1 or clip <= 0:
+            raise ValueError("--inputs and --iterations must be positive and --clip > 0")
+        if any(z < 0 for z in noise_multiplier):
+            raise ValueError(f"--noise-multiplier must be non-negative, got {noise_multiplier}")
+        results = leakage_study(attack=attack_, sketch=sketch, sketch_ratios=sketch_ratio,
+                                noise_multipliers=noise_multiplier, clip=clip, inputs=inputs, seeds=seeds,
+                                iterations=iterations, hidden=hidden,
+                                sketch_options={"rows": rows} if sketch == "countsketch" else None)
+    except user_errors() as err:
+        _fail(err, debug)
+    table = Table(title=f"{attack_.upper()} reconstruction of single-example updates "
+                        f"({inputs} digits × {len(seeds)} seeds, d={results[0]['d']})")
+    for col in ("observed", "size", "z", "noise std", "PSNR dB", "± std", "MSE", "label acc"):
+        table.add_column(col, justify="left" if col == "observed" else "right", no_wrap=col == "observed")
+    for r in results:
+        kind = "raw" if r["sketch"] == "none" else f"{r['sketch']} s/d={r['sketch_ratio']:g}"
+        kind += ", noised" if r["noise_multiplier"] > 0 else ""
+        table.add_row(kind, str(r["observed_size"]), f"{r['noise_multiplier']:g}", f"{r['noise_std']:.3g}",
+                      f"{r['psnr']:.1f}", f"{r['psnr_std']:.1f}", f"{r['mse']:.4f}", f"{r['label_accuracy']:.2f}")
+    console.print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        console.print(f"results → {out}")
+
+
 def main() -> None:
     app()
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,22 @@ class TaskSection(_Section):
     max_client_samples: int = Field(1000, ge=2)
     # hub datasets (flwr-datasets / Hugging Face): local cache directory
     data_dir: str = ""
+    # data curriculum under any strategy that asks for no trainer of its own (client/trainers_curriculum.py)
+    curriculum: Literal["vanilla", "curriculum", "anti", "random"] = "vanilla"
+    curriculum_pacing: Literal["linear", "quad", "root", "exp", "log", "step"] = "linear"
+    curriculum_a: float = Field(0.8, gt=0.0, le=1.0)
+    curriculum_b: float = Field(0.2, gt=0.0, le=1.0)
+    curriculum_scorer: Literal["G", "L", "LG", "E"] = "G"
+    # language modelling: dataset "stdlib" (byte tokens of Python's standard library), model "gpt" (tasks/lm.py)
+    context: int = Field(64, ge=1)  # tokens per window; a client's examples are non-overlapping windows
+    n_layer: int = Field(2, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(208, ge=1)  # must be divisible by n_head; 208 gives the default GPT 1.11 M parameters
+    pretrained: bool = True  # start from the cached central pretraining (else GPT-2 init from the run seed)
+    pretrain_steps: int = Field(300, ge=1)
+    cache_dir: str = ""  # pretrained weights; "" = $STAMEN_CACHE_DIR or ~/.cache/stamen
+    max_bytes_per_client: int = Field(16_000, ge=2)  # = tokens; a client gets bytes // (context + 1) windows
+    max_test_bytes: int = Field(16_384, ge=2)
 
 
 class StrategySection(BaseModel):
@@ -89,18 +105,93 @@ class CompressionSection(BaseModel):
         return dict(self.model_extra or {})
 
 
-class PrivacySection(BaseModel):
-    """Reserved for the privacy plugins; empty by default."""
+class PrivacySection(_Section):
+    """Client-level differential privacy (strategies/dp.py, strategies/sketched_dp.py). Off by default.
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    On when ``clip`` is set or ``noise_multiplier > 0``: clients clip their update to L2 norm
+    ``clip`` (C); Gaussian noise with std ``noise_multiplier``·C (z·C) on the sum of clipped
+    updates is added at ``site`` (``central``: the server, DP-FedAvg; ``local``: each client;
+    ``sketch``: in sketch space, strategy ``sketched_dp`` only); ε at ``delta`` is accounted
+    for the ``sampling`` scheme each round and the run stops before exceeding ``epsilon_budget``.
+    """
 
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+    clip: Annotated[float, Field(gt=0.0)] | Literal["none"] = "none"  # C; "none": no clipping (then z must be 0)
+    noise_multiplier: float = Field(0.0, ge=0.0)  # z; 0 = no noise (no DP guarantee, epsilon is infinite)
+    site: Literal["central", "local", "sketch"] = "central"
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    # poisson: each client joins with probability q = federation.fraction_train; fixed: exactly
+    # m = floor(fraction_train·clients) without replacement; none: every client every round
+    sampling: Literal["poisson", "fixed", "none"] = "poisson"
+    epsilon_budget: Annotated[float, Field(gt=0.0)] | Literal["none"] = "none"  # stop before exceeding it
+    per_layer: bool = False  # clip each parameter tensor to C/sqrt(L) (total norm still <= C)
+    adaptive_clip: bool = False  # Andrew et al. 2021: C follows a quantile of update norms (clip = initial C)
+    adaptive_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    adaptive_lr: float = Field(0.2, gt=0.0)
+    adaptive_count_noise: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"  # count noise std; auto: m/20
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrivacySection":
+        if self.noise_multiplier > 0 and self.clip == "none":
+            raise ValueError("privacy.noise_multiplier > 0 needs privacy.clip (the clip norm C the noise is scaled to)")
+        if self.adaptive_clip and self.clip == "none":
+            raise ValueError("privacy.adaptive_clip needs privacy.clip (the initial clip norm)")
+        if self.adaptive_clip and self.site == "local":
+            raise ValueError("privacy.adaptive_clip works with privacy.site 'central' or 'sketch', not 'local'")
+        if self.epsilon_budget != "none" and self.noise_multiplier == 0:
+            raise ValueError("privacy.epsilon_budget needs privacy.noise_multiplier > 0 (without noise epsilon is "
+                             "infinite)")
+        if self.site == "local" and self.noise_multiplier == 0:
+            raise ValueError("privacy.site='local' needs privacy.noise_multiplier > 0")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip != "none" or self.noise_multiplier > 0
 
 
 class EvalSection(_Section):
     every: int = Field(1, ge=1)
     batch_size: int = Field(512, ge=1)
+    # Robust accuracy of the global model under attack (server/evaluation.py). robust = "auto":
+    # the strategy's default (on for `fat`, off otherwise). Attack settings left at "auto" take the
+    # threat model of the strategy (fat: its training ε and norm), else the task's default.
+    robust: bool | Literal["auto"] = "auto"
+    robust_every: int = Field(5, ge=1)  # in rounds; the last round is always evaluated
+    attack_eps: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"
+    attack_norm: Literal["auto", "linf", "l2"] = "auto"
+    attack_steps: int = Field(20, ge=1)  # PGD steps: stronger than training
+    attack_step_size: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"  # auto: 2.5·ε/steps
+    fgsm: bool = True  # also report fgsm_accuracy (a cheap check)
+    robust_samples: int = Field(0, ge=0)  # attack only the first n test examples (0: all)
+
+
+class FaultsSection(_Section):
+    """Fault injection for simulations (client/faults.py, server/faults.py). All off by default.
+
+    Client faults are drawn per (seed, round, partition), so a faulty run is reproducible:
+    ``client_failure`` — probability that a sampled client fails (replies with an error);
+    ``straggler_fraction`` — probability that it is slow, sleeping an exponential delay of mean
+    ``straggler_delay_s`` before replying (with ``round_deadline_s`` > 0 the server stops
+    waiting at that deadline); ``drop_reply`` / ``duplicate_reply`` — probability that the
+    transport loses a reply or delivers it twice. Byzantine clients: a fixed set of
+    ``byzantine_fraction`` of all clients corrupt every update they send with
+    ``byzantine_attack`` (``sign_flip``: −s·Δ, ``scale``: s·Δ, ``noise``: Gaussian of std
+    s·‖Δ‖/√d, ``label_flip``: train on labels c−1−y), ``s`` = ``byzantine_scale``. A round
+    whose accepted replies are fewer than ``min_replies`` fails: the model is unchanged and
+    its metrics line says ``failed: true``.
+    """
+
+    client_failure: float = Field(0.0, ge=0.0, le=1.0)
+    straggler_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    straggler_delay_s: float = Field(1.0, ge=0.0)
+    round_deadline_s: float = Field(0.0, ge=0.0)  # 0: wait up to federation.round_timeout_s
+    drop_reply: float = Field(0.0, ge=0.0, le=1.0)
+    duplicate_reply: float = Field(0.0, ge=0.0, le=1.0)
+    min_replies: int = Field(1, ge=1)
+    byzantine_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    byzantine_attack: Literal["sign_flip", "scale", "noise", "label_flip"] = "sign_flip"
+    byzantine_scale: float = Field(1.0, gt=0.0)
 
 
 class StamenConfig(_Section):
@@ -111,13 +202,15 @@ class StamenConfig(_Section):
     compression: CompressionSection = CompressionSection()
     privacy: PrivacySection = PrivacySection()
     eval: EvalSection = EvalSection()
+    faults: FaultsSection = FaultsSection()
 
     # -- (de)serialization ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        # TOML has no null: unset optional keys are left out (they load back as their default None)
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -212,7 +305,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 # -- Flower run_config <-> StamenConfig ---------------------------------------------
 def to_flat(cfg: StamenConfig) -> dict[str, Any]:
     """Flatten to ``{"section.key": value}`` (Flower's run_config form)."""
-    return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    return {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items() if v is not None}
 
 
 def from_flat(flat: dict[str, Any]) -> StamenConfig:

@@ -67,6 +67,7 @@ class StamenStrategy:
         self.last_rejected: list[tuple[int, str]] = []
         self.last_participants: list[int] = []
         self._global: dict[str, np.ndarray] | None = None
+        self.min_replies = 1
 
     # -- sampling ----------------------------------------------------------------------
     def sample_partitions(self, server_round: int, fraction: float, purpose: str = "train") -> list[int]:
@@ -95,9 +96,10 @@ class StamenStrategy:
     # -- replies -----------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         accepted = self.decode_replies(server_round, list(replies))
-        if not accepted:
-            log.warning("round %d: no valid replies (%d rejected); the global model is unchanged",
-                        server_round, len(self.last_rejected))
+        if len(accepted) < self.min_replies:
+            log.warning("round %d failed: %d valid replies (%d rejected), fewer than the minimum %d; "
+                        "the global model is unchanged", server_round, len(accepted), len(self.last_rejected),
+                        self.min_replies)
             return None, None
         return super().aggregate_train(server_round, accepted)
 
@@ -111,6 +113,8 @@ class StamenStrategy:
             node = msg.metadata.src_node_id
             try:
                 pid, delta, metrics = self.check_reply(msg, server_round)
+                if pid in self.last_participants:
+                    raise ValueError(f"duplicate reply for partition-id {pid}")
             except (PayloadError, ValueError, KeyError, TypeError) as err:
                 log.warning("round %d: rejected reply from node %s: %s", server_round, node, err)
                 self.last_rejected.append((node, str(err)))
@@ -151,6 +155,14 @@ class StamenStrategy:
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
         """Extra entries for this round's line in metrics.jsonl (hook for plugins, e.g. ε)."""
+        return {}
+
+    def stop_reason(self, server_round: int) -> str | None:
+        """A reason to stop before running ``server_round`` (e.g. an ε budget), or None."""
+        return None
+
+    def summary_metrics(self) -> dict[str, Any]:
+        """Extra entries for summary.json (hook for plugins, e.g. δ and the accountant)."""
         return {}
 
     # -- checkpoint state --------------------------------------------------------------

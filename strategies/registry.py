@@ -141,4 +141,9 @@ def parse_options(spec: StrategySpec, options: dict[str, Any]) -> Options:
 def build_strategy(cfg) -> StamenStrategy:
     """The strategy object a run config asks for (not yet bound to a federation)."""
     spec = strategy_spec(cfg.strategy.name)
-    return spec.factory(parse_options(spec, cfg.strategy.options()), cfg)
+    strategy = spec.factory(parse_options(spec, cfg.strategy.options()), cfg)
+    if cfg.privacy.enabled:  # clipping / noise / accounting (strategies/dp.py)
+        from stamen.strategies.dp import make_private
+
+        strategy = make_private(strategy, spec, cfg)
+    return strategy

@@ -277,6 +277,16 @@ for _name in HUB_DATASETS:
     DATASETS[_name].__doc__ = f"{HUB_DATASETS[_name][0]} from the Hugging Face hub via flwr-datasets"
 
 
+def load_stdlib_task(task, num_clients: int, seed: int) -> FederatedData:
+    """Next-byte prediction on Python's standard library, one package per client (tasks/lm.py)."""
+    from stamen.tasks.lm import load_stdlib_task as load
+
+    return load(task, num_clients, seed)
+
+
+DATASETS["stdlib"] = load_stdlib_task
+
+
 _CACHE: dict[str, FederatedData] = {}
 
 

@@ -17,6 +17,7 @@ RNGs are never touched. Pure torch + stdlib (``datasets`` only on the HF path).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -247,7 +248,7 @@ def stdlib_corpus(max_bytes_per_client: int | None = 200_000, seed: int = 0, *, 
                   max_pretrain_bytes: int | None = 1_000_000, max_test_bytes: int | None = 200_000,
                   test_fraction: float = 0.1, pretrain_groups: Sequence[str] = PRETRAIN_GROUPS,
                   bucket_bytes: int = 400_000, min_group_bytes: int = 16_384,
-                  root: str | Path | None = None) -> LMCorpus:
+                  root: str | Path | None = None, pretrain_seed: int | None = None) -> LMCorpus:
     """The federated stdlib corpus: one client per package / module bucket.
 
     - groups: every stdlib package except ``EXCLUDED_GROUPS`` and test suites, plus the
@@ -261,6 +262,9 @@ def stdlib_corpus(max_bytes_per_client: int | None = 200_000, seed: int = 0, *, 
       ``sqlite3``...) are merged into a neighbour, and with ``num_clients`` the groups
       are merged down to that many (``merge_groups``); asking for more clients than
       there are groups is an error.
+
+    - ``pretrain_seed`` (default: ``seed``) orders the pretraining files; fixing it keeps the
+      pretraining slice — hence a cached pretrained model — the same whatever the run seed.
 
     All sizes are byte (= token) caps that keep it CPU-friendly; None means no cap.
     Deterministic given the arguments and the Python installation.
@@ -286,13 +290,15 @@ def stdlib_corpus(max_bytes_per_client: int | None = 200_000, seed: int = 0, *, 
         test_parts.append(_concat_bytes(test, test_share))
 
     rel = lambda p: str(p.relative_to(root))  # noqa: E731
-    pretrain_order = np.random.default_rng(derive_seed(seed, "stdlib-pretrain")).permutation(len(pretrain_files))
+    pretrain_seed = seed if pretrain_seed is None else pretrain_seed
+    pretrain_order = np.random.default_rng(derive_seed(pretrain_seed, "stdlib-pretrain")).permutation(
+        len(pretrain_files))
     params = {
         "source": "python-stdlib" if root == stdlib_root() else str(root),
         "python": ".".join(map(str, sys.version_info[:3])), "seed": seed, "num_clients": num_clients,
         "max_bytes_per_client": max_bytes_per_client, "max_pretrain_bytes": max_pretrain_bytes,
         "max_test_bytes": max_test_bytes, "test_fraction": test_fraction, "pretrain_groups": reserved,
-        "bucket_bytes": bucket_bytes, "min_group_bytes": min_group_bytes,
+        "bucket_bytes": bucket_bytes, "min_group_bytes": min_group_bytes, "pretrain_seed": pretrain_seed,
     }
     return LMCorpus(
         client_names=tuple(train_files),
@@ -509,6 +515,8 @@ def train_lm(model: nn.Module, tokens: torch.Tensor, *, steps: int, lr: float, b
 # -- central pretraining with an on-disk cache ----------------------------------------------------
 
 _CACHE_FORMAT = "stamen.tasks.lm.pretrain/1"
+#: the corpus parameters that shape ``pretrain_tokens`` (with their sha256, part of the cache key)
+_PRETRAIN_CORPUS_PARAMS = ("source", "python", "max_pretrain_bytes", "pretrain_groups", "pretrain_seed")
 
 
 @dataclass
@@ -522,9 +530,14 @@ class PretrainResult:
 
 def pretrain_key(model_cfg: GPTConfig, corpus: LMCorpus, steps: int, lr: float, seed: int,
                  batch_size: int) -> dict[str, Any]:
-    """Everything the pretrained weights depend on; its hash names the cache file."""
+    """Everything the pretrained weights depend on; its hash names the cache file.
+
+    Of the corpus only what shapes the pretraining slice counts (not the client or test split),
+    so federations of any size share one cached model.
+    """
     return {
-        "format": _CACHE_FORMAT, "model": asdict(model_cfg), "corpus": corpus.params,
+        "format": _CACHE_FORMAT, "model": asdict(model_cfg),
+        "corpus": {k: corpus.params.get(k) for k in _PRETRAIN_CORPUS_PARAMS},
         "pretrain_sha256": hashlib.sha256(corpus.pretrain_tokens.numpy().tobytes()).hexdigest(),
         "steps": int(steps), "lr": float(lr), "seed": int(seed), "batch_size": int(batch_size),
         "python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__,
@@ -595,6 +608,180 @@ def pretrain(model_cfg: GPTConfig, corpus: LMCorpus, steps: int = 300, lr: float
         _save_atomically({"format": _CACHE_FORMAT, "key": json.dumps(key, sort_keys=True),
                           "state_dict": model.state_dict(), "losses": losses, "seconds": seconds}, path)
     return PretrainResult(model, losses, seconds, False, path)
+
+
+# -- the federated task: dataset "stdlib", model "gpt" ------------------------------------------
+#
+# ``stamen.tasks.data.DATASETS["stdlib"]`` and ``stamen.tasks.models.MODELS["gpt"]`` call into
+# this section. A client's examples are fixed windows of its token stream, so the ordinary
+# trainers (``train_sgd``: shuffled mini-batches, cross-entropy) and ``evaluate`` work unchanged:
+# the model returns logits shaped (batch, vocab, positions) for targets (batch, positions), and
+# Stamen's loss is then the per-token cross-entropy (perplexity = exp(test_loss)).
+
+#: pretraining settings of the ``gpt`` model's starting point (task.pretrain_steps sets the steps)
+PRETRAIN_LR = 3e-3
+PRETRAIN_BATCH = 16
+PRETRAIN_SEED = 0  # the base model is one fixed artifact, whatever the run seed (like a public checkpoint)
+
+
+def token_windows(tokens: torch.Tensor | np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed, non-overlapping next-token windows of a token stream: (X, y), int64, shape (n, context).
+
+    Window i is ``tokens[i·(context+1) : (i+1)·(context+1)]``; X holds its first ``context``
+    tokens and y its last ``context`` (X shifted by one), so ``y[:, t]`` is the token after
+    ``X[:, t]``. The tail that does not fill a window is dropped.
+    """
+    context = int(context)
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    flat = torch.as_tensor(np.asarray(tokens)).reshape(-1).long()
+    n = flat.numel() // (context + 1)
+    w = flat[: n * (context + 1)].reshape(n, context + 1).numpy()
+    return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
+
+
+@dataclass(frozen=True, eq=False)
+class LMModelSpec:
+    """What the ``gpt`` model of a task is: its shape and where its initial weights come from."""
+
+    config: GPTConfig
+    pretrained: bool = False
+    pretrain_steps: int = 300
+    cache_dir: str | None = None
+    corpus: LMCorpus | None = None  # holds the pretraining slice; needed when ``pretrained``
+
+
+class VocabSize(int):
+    """``FederatedData.num_classes`` of an LM task: the vocabulary size, carrying the task's ``LMModelSpec``.
+
+    The model registry's factories see only ``(input_shape, num_classes, hidden)`` — no task
+    config and no data — yet the ``gpt`` model needs its shape, the pretraining slice of the
+    corpus and the cache directory. The ``stdlib`` loader therefore hands them over on the
+    class count it returns; everywhere else this is the plain int 256.
+    """
+
+    spec: LMModelSpec | None
+
+    def __new__(cls, value: int, spec: LMModelSpec | None = None) -> "VocabSize":
+        obj = super().__new__(cls, int(value))
+        obj.spec = spec
+        return obj
+
+    def __reduce__(self):
+        return (VocabSize, (int(self), self.spec))
+
+
+class TokenLogitsGPT(nn.Module):
+    """``GPT`` with logits permuted to (batch, vocab, positions) — the layout of ``F.cross_entropy``.
+
+    Parameters live under ``gpt.`` (the tied embedding/head matrix once). ``initialize(seed)``
+    (called by ``stamen.tasks.models.build_model``) loads the cached centrally pretrained
+    weights when the spec says ``pretrained``, else draws GPT-2's initialisation from ``seed``.
+    """
+
+    def __init__(self, spec: LMModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.gpt = GPT(spec.config)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.gpt.config
+
+    def initialize(self, seed: int) -> None:
+        if self.spec.pretrained:
+            self.gpt.load_state_dict(pretrained_state(self.spec))
+        else:
+            self.gpt.reset_parameters(seed)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt(idx).transpose(1, 2)
+
+
+def default_cache_dir() -> Path:
+    """``$STAMEN_CACHE_DIR``, else ``~/.cache/stamen`` (absolute: Ray workers may run elsewhere)."""
+    env = os.environ.get("STAMEN_CACHE_DIR")
+    return Path(env).expanduser().resolve() if env else Path.home() / ".cache" / "stamen"
+
+
+_PRETRAINED: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def pretrained_state(spec: LMModelSpec) -> dict[str, torch.Tensor]:
+    """The state dict of the spec's centrally pretrained GPT (``pretrain``, disk-cached, memoised per process)."""
+    if spec.corpus is None:
+        raise ValueError("a pretrained gpt needs the corpus's pretraining slice; build it through the 'stdlib' dataset "
+                         "or set task.pretrained=false")
+    cache_dir = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    key = _key_hash(pretrain_key(spec.config, spec.corpus, spec.pretrain_steps, PRETRAIN_LR, PRETRAIN_SEED,
+                                 PRETRAIN_BATCH)) + str(cache_dir)
+    if key not in _PRETRAINED:
+        result = pretrain(spec.config, spec.corpus, spec.pretrain_steps, PRETRAIN_LR, PRETRAIN_SEED, cache_dir,
+                          batch_size=PRETRAIN_BATCH)
+        _PRETRAINED.clear()  # one base model per process at a time
+        _PRETRAINED[key] = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    return _PRETRAINED[key]
+
+
+def build_gpt(input_shape: tuple[int, ...], num_classes: int, hidden: int = 0) -> TokenLogitsGPT:
+    """The ``gpt`` model factory: from the task's spec (see ``VocabSize``), else a from-scratch default GPT.
+
+    ``hidden`` is not used (the width is ``task.n_embd``).
+    """
+    if len(tuple(input_shape)) != 1:
+        raise ValueError(f"model 'gpt' needs token windows of shape (context,), got input shape {tuple(input_shape)}")
+    context = int(tuple(input_shape)[0])
+    spec = getattr(num_classes, "spec", None)
+    if spec is None:
+        spec = LMModelSpec(GPTConfig(vocab_size=int(num_classes), context=context))
+    if spec.config.context != context or spec.config.vocab_size != int(num_classes):
+        raise ValueError(f"model 'gpt' spec (context {spec.config.context}, vocabulary {spec.config.vocab_size}) does "
+                         f"not match the data (context {context}, vocabulary {int(num_classes)})")
+    return TokenLogitsGPT(spec)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_corpus(**kwargs: Any) -> LMCorpus:
+    return stdlib_corpus(**kwargs)
+
+
+def load_stdlib_task(task, num_clients: int, seed: int):
+    """``FederatedData`` of the stdlib corpus: one client per package or module bucket (natural, non-IID).
+
+    Examples are ``token_windows`` of ``task.context`` tokens: each client's stream is cut at
+    ``task.max_bytes_per_client`` bytes, the test set at ``task.max_test_bytes`` (a
+    ``task.test_fraction`` of every group's files, shared with no client). Inputs and targets are
+    int64 token ids; ``num_classes`` is the byte vocabulary (256) carrying the ``gpt`` model's
+    spec from ``task.context``, ``n_layer``, ``n_head``, ``n_embd``, ``pretrained``,
+    ``pretrain_steps`` and ``cache_dir``.
+    """
+    from stamen.tasks.data import DataError, FederatedData
+
+    if task.partition not in ("auto", "natural"):
+        raise DataError(f"the stdlib corpus has only its natural partition (one package per client); "
+                        f"got task.partition={task.partition!r}")
+    if task.n_embd % task.n_head:
+        raise DataError(f"task.n_embd ({task.n_embd}) must be divisible by task.n_head ({task.n_head})")
+    for key in ("max_bytes_per_client", "max_test_bytes"):
+        if getattr(task, key) < task.context + 1:
+            raise DataError(f"task.{key}={getattr(task, key)} holds no window of task.context + 1 = "
+                            f"{task.context + 1} tokens; raise it or lower task.context")
+    try:
+        corpus = _cached_corpus(max_bytes_per_client=int(task.max_bytes_per_client), seed=int(seed),
+                                num_clients=int(num_clients), max_test_bytes=int(task.max_test_bytes),
+                                test_fraction=float(task.test_fraction), pretrain_seed=PRETRAIN_SEED)
+    except CorpusError as err:
+        raise DataError(f"task.dataset='stdlib' with federation.clients={num_clients}: {err}") from None
+    clients = [token_windows(t, task.context) for t in corpus.client_tokens]
+    test = token_windows(corpus.test_tokens, task.context)
+    config = GPTConfig(vocab_size=256, context=task.context, n_layer=task.n_layer, n_head=task.n_head,
+                       n_embd=task.n_embd)
+    spec = LMModelSpec(config, pretrained=bool(task.pretrained), pretrain_steps=int(task.pretrain_steps),
+                       cache_dir=task.cache_dir or None, corpus=corpus)
+    info = {"partition": "natural", "client_names": list(corpus.client_names),
+            "windows": [len(y) for _, y in clients], "test_windows": len(test[1]),
+            "pretrain_tokens": int(corpus.pretrain_tokens.numel())}
+    return FederatedData("stdlib", VocabSize(256, spec), (task.context,), (0.0, 255.0), clients, test, info)
 
 
 # -- Hugging Face path (needs network for hub datasets / checkpoints) ---------------------------

@@ -52,10 +52,18 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def _gpt(input_shape: tuple[int, ...], num_classes: int, hidden: int) -> nn.Module:
+    """The byte-level GPT of tasks/lm.py, logits shaped (batch, vocab, positions); see ``lm.build_gpt``."""
+    from stamen.tasks.lm import build_gpt
+
+    return build_gpt(input_shape, num_classes, hidden)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "logreg": LogisticRegression,
     "mlp": MLP,
     "cnn": SmallCNN,
+    "gpt": _gpt,
 }
 
 
@@ -65,6 +73,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidde
         raise ValueError(f"unknown task.model {name!r}; choose one of {sorted(MODELS)}")
     with torch.random.fork_rng(devices=[]):  # the constructors' default init draws from the global RNG
         model = MODELS[name](tuple(input_shape), num_classes, hidden)
+    if hasattr(model, "initialize"):  # models that set their own initial weights (gpt: pretrained or GPT-2 init)
+        model.initialize(seed)
+        return model
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():

@@ -58,14 +58,20 @@ def set_weights(model: nn.Module, weights: dict[str, np.ndarray]) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray, batch_size: int = 512,
              device: str = "cpu") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(X, y)``."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(X, y)``.
+
+    Targets may carry extra dimensions (a sequence model returns logits shaped
+    ``(batch, classes, positions)`` for targets ``(batch, positions)``): loss and accuracy
+    are then per target element, e.g. per token for a language model.
+    """
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct, n = 0.0, 0, 0
     for i in range(0, len(y), batch_size):
         xb = torch.as_tensor(X[i:i + batch_size], device=device)
         yb = torch.as_tensor(y[i:i + batch_size], device=device)
         logits = model(xb)
         total_loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
-    n = max(1, len(y))
+        n += yb.numel()
+    n = max(1, n)
     return total_loss / n, correct / n

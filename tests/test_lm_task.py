@@ -8,7 +8,6 @@ import itertools
 import json
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

@@ -46,7 +46,14 @@ def test_run_writes_results_and_counts_bytes(tmp_path):
     assert json.loads(rd.summary_path.read_text())["versions"]["flwr"] == "1.39.0"
 
 
-def test_same_seed_same_metrics_under_ray(tmp_path):
-    _, a, _ = run(tmp_path, "a", "federation.fraction_train=0.5", "run.rounds=2")
+def test_same_seed_same_metrics_under_ray_and_in_process(tmp_path):
+    from _localgrid import LocalGrid
+
+    from stamen.server.loop import run_federation
+
+    cfg, a, _ = run(tmp_path, "a", "federation.fraction_train=0.5", "run.rounds=2")
     _, b, _ = run(tmp_path, "b", "federation.fraction_train=0.5", "run.rounds=2")
     assert strip_wall(a.read_metrics()) == strip_wall(b.read_metrics())
+    # scheduling does not enter the numbers: the same run in one process gives the same metrics
+    run_federation(LocalGrid(cfg), cfg, tmp_path / "c")
+    assert strip_wall(RunDirectory(tmp_path / "c").read_metrics()) == strip_wall(a.read_metrics())

@@ -1,0 +1,113 @@
+"""Trainer ``adversarial``: federated adversarial training on the client (``/work/shared/specs/adversarial.md``).
+
+Each local step makes adversarial examples for its batch with the *current* local model
+(PGD inside an ε-ball, ℓ∞ or ℓ2, random start; the inner maximization) and takes one
+optimizer step on ``(1 − mix)·CE(clean) + mix·CE(adversarial)`` (the outer minimization),
+via :func:`stamen.tasks.attacks.adversarial_loss`. Everything else is the ``sgd`` trainer:
+the same batches from the same generator, the same optimizer, FedProx's proximal term if
+asked. With ε = 0 (or mix = 0) the loss *is* the clean loss, so the result equals ``sgd``
+bit for bit.
+
+The strategy (``fat``) sets the attack in the round's message config:
+
+==================  =========================================================
+``attack-eps``      radius ε ≥ 0 of the ball, in input units (required)
+``attack-steps``    PGD steps per batch (default 10)
+``attack-step-size``  PGD step; absent or < 0: 2.5·ε/steps (Madry's rule)
+``attack-norm``     ``linf`` (default) or ``l2``
+``attack-mix``      weight of the adversarial loss in [0, 1] (default 1)
+``attack-random-start``  start PGD from a uniform point of the ball (default true)
+==================  =========================================================
+
+Adversarial examples are clipped to the task's input range (``task.data.input_range``);
+the PGD random starts come from a private generator derived from
+(run seed, round, "pgd", partition), separate from the batch generator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches, make_optimizer, register_trainer
+from stamen.sketching.codec import derive_seed
+from stamen.tasks.attacks import NORMS, AttackConfig, adversarial_loss
+
+#: message-config keys the adversarial trainer reads
+ATTACK_KEYS = ("attack-eps", "attack-steps", "attack-step-size", "attack-norm", "attack-mix", "attack-random-start")
+
+
+def _number(options: dict, key: str, default=None, *, integer: bool = False):
+    if key not in options:
+        if default is None:
+            raise ValueError(f"the adversarial trainer needs the config entry {key!r} (set by the strategy)")
+        return default
+    value = options[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"config entry {key!r} must be a finite number, got {value!r}")
+    if integer and int(value) != value:
+        raise ValueError(f"config entry {key!r} must be an integer, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def attack_from_options(options: dict) -> tuple[AttackConfig, float]:
+    """The training attack and the adversarial-loss weight ``mix`` from a round's message config."""
+    eps = _number(options, "attack-eps")
+    if eps < 0:
+        raise ValueError(f"config entry 'attack-eps' must be >= 0, got {eps}")
+    steps = _number(options, "attack-steps", 10, integer=True)
+    if steps < 1:
+        raise ValueError(f"config entry 'attack-steps' must be >= 1, got {steps}")
+    step_size = _number(options, "attack-step-size", -1.0)
+    norm = options.get("attack-norm", "linf")
+    if norm not in NORMS:
+        raise ValueError(f"config entry 'attack-norm' must be one of {list(NORMS)}, got {norm!r}")
+    mix = _number(options, "attack-mix", 1.0)
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"config entry 'attack-mix' must be in [0, 1], got {mix}")
+    random_start = options.get("attack-random-start", True)
+    if not isinstance(random_start, bool):
+        raise ValueError(f"config entry 'attack-random-start' must be a bool, got {random_start!r}")
+    attack = AttackConfig(kind="pgd", norm=norm, eps=eps, steps=steps,
+                          step_size=None if step_size < 0 else step_size, random_start=random_start)
+    return attack, mix
+
+
+def input_clip(task) -> tuple[float, float]:
+    lo, hi = task.data.input_range
+    return float(lo), float(hi)
+
+
+@register_trainer("adversarial")
+def train_adversarial(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
+                      generator: torch.Generator, job: TrainJob) -> tuple[float, int]:
+    """Mini-batch adversarial training; returns (mean training objective, steps)."""
+    attack, mix = attack_from_options(job.options)
+    clip = input_clip(job.task)
+    # a CPU generator: random starts are drawn on the CPU and moved, the same on any device
+    pgd_gen = torch.Generator().manual_seed(derive_seed(job.seed, job.server_round, "pgd", job.partition_id))
+
+    # the loop below mirrors train_sgd line for line, so that ε = 0 gives the same floats
+    model.train()
+    model.to(s.device)
+    Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if s.proximal_mu > 0 else None
+    opt = make_optimizer(params, s)
+    total, count, steps = 0.0, 0, 0
+    for _ in range(s.epochs):
+        for idx in epoch_batches(len(yt), s.batch_size, generator):
+            idx = idx.to(s.device)
+            loss = adversarial_loss(model, Xt[idx], yt[idx], attack, clip, mix=mix, generator=pgd_gen)
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            if anchor is not None:
+                loss = loss + 0.5 * s.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+    return total / max(1, count), steps

@@ -1,0 +1,254 @@
+"""Client side of Ferret and FedKSeed: the coefficient downlink, a fixed-step trainer, the zeroth-order trainer.
+
+- ``DOWNLINKS["ferret"]``: the client keeps its own copy of the global weights in its node
+  state (``ferret-global``, with the round it belongs to in ``ferret-sync``). A message either
+  carries dense weights (``ferret-sync = "dense"``: first participation, or when catching up
+  would cost more) or the aggregated coefficient payloads Γ_r of the rounds the node missed
+  (``"catch-up"``); the client applies those it lacks in order, w ← w + η_s·reconstruct(Γ_r) —
+  the server's own step, so the copy matches the server's weights bit for bit — checks the
+  result against the fp64 sum and norm of the server's weights sent along, stores it and
+  trains from it. The message protocol is documented in ``strategies/ferret.py``.
+- trainer ``steps``: exactly ``local-steps`` optimizer steps (``task.optimizer``, ``task.lr``)
+  on mini-batches from successive shuffled passes over the client's data.
+- trainer ``fedkseed`` + encoder ``fedkseed``: FedKSeed's zeroth-order local training (see
+  ``train_zeroth_order``); the update it makes is exactly Σ_k c_k v_k over the pool
+  directions it used, and the encoder sends those exact coefficients in Ferret's payload
+  format (one block), so the server aggregates and clients catch up exactly as for Ferret.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from torch import nn
+
+from stamen import protocol as P
+from stamen.client.app import DOWNLINKS
+from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches, make_optimizer, register_trainer
+from stamen.sketching.codec import CodecContext, PayloadError, derive_seed, register_codec
+from stamen.sketching.ferret import FerretCodec, basis, basis_variance, seed_pool
+
+# Message config entries — the same strings as in strategies/ferret.py and strategies/fedkseed.py
+# (client and strategies share only messages; tests/test_ferret_fl.py checks they agree).
+SYNC, GLOBAL_ROUND, BASE_ROUND, ROUNDS = "ferret-sync", "ferret-round", "ferret-base-round", "ferret-rounds"
+SERVER_LR, CHECK_SUM, CHECK_NORM = "ferret-server-lr", "ferret-sum", "ferret-norm"
+LOCAL_STEPS = "local-steps"
+ZO_STEPS, ZO_EPS, ZO_LR = "zo-steps", "zo-eps", "zo-lr"
+PAYLOAD_KEYS = ("block", "seed", "value")
+
+# Node-state records
+GLOBAL_COPY = "ferret-global"  # ArrayRecord {"flat": the global weights, fp32, layout order}
+SYNC_STATE = "ferret-sync"  # ConfigRecord {"round": the round those weights belong to}
+
+#: tolerance of the check of a rebuilt copy against the server's Σw and ‖w‖ (relative to ‖w‖)
+CHECK_RTOL = 1e-5
+
+
+# -- the coefficient downlink -----------------------------------------------------------------
+def held_copy(state: RecordDict) -> tuple[int, torch.Tensor] | None:
+    """(round, flat fp32 weights) of the node's copy of the global model, or None."""
+    if GLOBAL_COPY not in state.array_records or SYNC_STATE not in state.config_records:
+        return None
+    flat = torch.from_numpy(np.array(state.array_records[GLOBAL_COPY]["flat"].numpy(), dtype=np.float32))
+    return int(state.config_records[SYNC_STATE]["round"]), flat
+
+
+def store_copy(state: RecordDict, server_round: int, flat: torch.Tensor) -> None:
+    state[GLOBAL_COPY] = P.to_array_record({"flat": flat.detach().to("cpu", torch.float32).numpy()})
+    state[SYNC_STATE] = ConfigRecord({"round": int(server_round)})
+
+
+def forget_copy(state: RecordDict) -> None:
+    for key in (GLOBAL_COPY, SYNC_STATE):
+        if key in state:
+            del state[key]
+
+
+def ferret_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarray]:
+    """The global weights of a ``downlink = "ferret"`` message (dense, or rebuilt from coefficients)."""
+    config = job.options
+    layout = job.task.layout
+    mode = config.get(SYNC)
+    target = int(config[GLOBAL_ROUND])
+    arrays = P.from_array_record(content.array_records[P.ARRAYS])
+    if mode == "dense":
+        flat = layout.flatten(arrays)
+    elif mode == "catch-up":
+        held = held_copy(job.state)
+        base = int(config[BASE_ROUND])
+        if held is None:
+            raise ValueError(f"the server sent a catch-up from round {base}, but this node holds no copy of the "
+                             f"global model (the server sends dense weights next time)")
+        held_round, flat = held
+        if not base <= held_round <= target:
+            forget_copy(job.state)
+            raise ValueError(f"this node's copy of the global model is from round {held_round}; the catch-up "
+                             f"covers rounds {base}..{target}")
+        codec = FerretCodec(**json.loads(config["codec-options"]))
+        server_lr = float(config[SERVER_LR])
+        for r in [int(r) for r in config[ROUNDS]]:
+            if r > held_round:  # an earlier message may already have brought it (its reply was lost)
+                payload = {k: arrays[f"{r}.{k}"] for k in PAYLOAD_KEYS}
+                ctx = CodecContext(seed=job.seed, round=r, layout=layout)
+                flat = flat.add(codec.decode(payload, ctx), alpha=server_lr)  # = strategies.ferret.apply_update
+    else:
+        raise ValueError(f"unknown {SYNC} {mode!r} in a ferret downlink message; expected 'dense' or 'catch-up'")
+    _check_copy(flat, float(config[CHECK_SUM]), float(config[CHECK_NORM]), job.state)
+    store_copy(job.state, target, flat)
+    return layout.unflatten(flat)
+
+
+def _check_copy(flat: torch.Tensor, expected_sum: float, expected_norm: float, state: RecordDict) -> None:
+    w = flat.to(torch.float64)
+    total, norm = float(w.sum()), float(w.norm())
+    tol = CHECK_RTOL * max(expected_norm, 1e-12)
+    if not (abs(total - expected_sum) <= tol * math.sqrt(w.numel()) and abs(norm - expected_norm) <= tol):
+        forget_copy(state)
+        raise ValueError(f"the rebuilt global weights differ from the server's (sum {total:.9g} vs {expected_sum:.9g}, "
+                         f"norm {norm:.9g} vs {expected_norm:.9g}); the copy is dropped and the server sends dense "
+                         f"weights next time")
+
+
+DOWNLINKS["ferret"] = ferret_downlink
+
+
+# -- a fixed number of first-order steps ------------------------------------------------------------
+def step_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` index batches, taken from successive shuffled passes over ``n`` examples."""
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        out.extend(epoch_batches(n, batch_size, generator))
+    return out[:steps]
+
+
+@register_trainer("steps")
+def train_steps(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings, generator: torch.Generator,
+                job: TrainJob) -> tuple[float, int]:
+    """Exactly ``local-steps`` steps of ``task.optimizer`` (SGD or Adam) with ``task.lr`` (Ferret's T)."""
+    steps = int(job.options[LOCAL_STEPS])
+    if steps < 1:
+        raise ValueError(f"trainer 'steps' needs {LOCAL_STEPS} >= 1, got {steps}")
+    model.train()
+    model.to(s.device)
+    Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], s)
+    total, count = 0.0, 0
+    for idx in step_batches(len(yt), s.batch_size, steps, generator):
+        idx = idx.to(s.device)
+        loss = nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return total / max(1, count), steps
+
+
+# -- FedKSeed: zeroth-order steps along seeded directions -------------------------------------------
+def fedkseed_direction_scale(d: int) -> float:
+    """1/√ρ_d: the factor that turns the Ferret basis v(seed, 0) into FedKSeed's unit-variance direction z."""
+    return 1.0 / math.sqrt(basis_variance(d))
+
+
+#: the node-state record the ClientApp hands to the codec as its ``state`` dict (client/app.py)
+CODEC_STATE = "codec-state"
+_ZO_STATE_ROUND, _ZO_STATE_SEED, _ZO_STATE_VALUE = "fedkseed_round", "fedkseed_seed", "fedkseed_value"
+
+
+def _load_flat(model: nn.Module, layout, flat: torch.Tensor) -> None:
+    """Write a flat layout-order vector into the model's state tensors (in place, no autograd)."""
+    state = model.state_dict()
+    start = 0
+    with torch.no_grad():
+        for name, shape, n in zip(layout.names, layout.shapes, layout.numels):
+            state[name].copy_(flat[start:start + n].view(shape))
+            start += n
+
+
+@register_trainer("fedkseed")
+def train_zeroth_order(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
+                       generator: torch.Generator, job: TrainJob) -> tuple[float, int]:
+    """FedKSeed's local training (Qin et al., ICML 2024): ``zo-steps`` zeroth-order SGD steps.
+
+    Each step picks a pool index k uniformly (a private generator from (run seed, round,
+    partition)), takes the direction z_k = v(pool[k], 0)/√ρ_d — Ferret's shared basis over the
+    whole model as one block, rescaled to unit-variance entries (bounded, near-uniform on
+    ±√3 rather than Gaussian; E[z zᵀ] = I either way), always drawn on CPU in fp32 — and a
+    mini-batch B, evaluates the loss at w ± ε z_k (two forward passes, no backward), and steps
+
+        g = (f(w + ε z_k; B) − f(w − ε z_k; B)) / (2ε),    w ← w − lr · g · z_k.
+
+    As a multiple of v(pool[k], 0) the step is c = −lr · g / √ρ_d; the trainer sums c per pool
+    index and leaves the sums in the codec state for the ``fedkseed`` encoder. The model's
+    final weights are w0 + Σ_t c_t v_t, accumulated in fp32 in step order. The perturbed
+    weights are always w ± ε z written afresh from w (no drift from repeated ±).
+    """
+    options = job.options
+    steps, eps, lr = int(options[ZO_STEPS]), float(options[ZO_EPS]), float(options[ZO_LR])
+    codec_options = json.loads(options["codec-options"])
+    K = int(codec_options["K"])
+    layout = job.task.layout
+    d = layout.d
+    if steps < 1 or not eps > 0 or not lr > 0:
+        raise ValueError(f"trainer 'fedkseed' needs {ZO_STEPS} >= 1, {ZO_EPS} > 0 and {ZO_LR} > 0, "
+                         f"got {steps}, {eps}, {lr}")
+    pool = seed_pool(job.seed, K)
+    scale = fedkseed_direction_scale(d)
+    pick = np.random.default_rng(derive_seed(job.seed, job.server_round, "fedkseed-seeds", job.partition_id))
+    model.eval()  # forward passes only (and no dropout noise between the two)
+    model.to(s.device)
+    Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
+    w = layout.flatten({k: v.detach().to("cpu") for k, v in model.state_dict().items()})
+    sums: dict[int, float] = {}
+    total = 0.0
+    with torch.no_grad():
+        for idx in step_batches(len(yt), s.batch_size, steps, generator):
+            idx = idx.to(s.device)
+            k = int(pick.integers(K))
+            v = basis(pool[k], 0, d)
+            _load_flat(model, layout, w + (eps * scale) * v)
+            f_plus = float(nn.functional.cross_entropy(model(Xt[idx]), yt[idx]))
+            _load_flat(model, layout, w - (eps * scale) * v)
+            f_minus = float(nn.functional.cross_entropy(model(Xt[idx]), yt[idx]))
+            g = (f_plus - f_minus) / (2.0 * eps)
+            c = -lr * g * scale
+            w.add_(v, alpha=c)
+            sums[k] = sums.get(k, 0.0) + c
+            total += 0.5 * (f_plus + f_minus)
+    _load_flat(model, layout, w)
+    seeds = np.array(sorted(sums), dtype=np.int64)
+    job.state[CODEC_STATE] = P.to_array_record({
+        _ZO_STATE_ROUND: np.array([job.server_round], dtype=np.int64), _ZO_STATE_SEED: seeds,
+        _ZO_STATE_VALUE: np.array([sums[k] for k in seeds.tolist()], dtype=np.float64)})
+    return total / steps, steps
+
+
+@register_codec
+class FedKSeedEncoder(FerretCodec):
+    """Encoder ``fedkseed``: the exact coefficients the zeroth-order trainer accumulated, in Ferret's format.
+
+    The update of ``train_zeroth_order`` is Σ_k c_k v(pool[k], 0) by construction; projecting
+    it would only estimate the c_k, so ``encode`` sends the trainer's sums (left in the codec
+    state for this round) as one-block Ferret coefficients: {block: 0…, seed: k, value: c_k}.
+    Decoding, aggregation and the downlink are Ferret's. The strategy asks for a single block
+    (``block_ratio`` large enough) and fp32 values.
+    """
+
+    name = "fedkseed"
+
+    def encode(self, update: torch.Tensor, ctx: CodecContext, state: dict | None = None) -> dict[str, np.ndarray]:
+        if len(self.blocks(ctx.layout)) != 1:
+            raise ValueError("encoder 'fedkseed' needs one block over the whole model (a larger block_ratio)")
+        state = {} if state is None else state
+        if _ZO_STATE_ROUND not in state or int(np.asarray(state[_ZO_STATE_ROUND]).reshape(-1)[0]) != ctx.round:
+            raise PayloadError(f"encoder 'fedkseed' found no coefficients of round {ctx.round}: it encodes what "
+                               f"trainer 'fedkseed' accumulated, so the strategy must ask for that trainer")
+        seeds = np.asarray(state.pop(_ZO_STATE_SEED), dtype=np.int64)
+        values = np.asarray(state.pop(_ZO_STATE_VALUE), dtype=np.float64)
+        state.pop(_ZO_STATE_ROUND)
+        keep = values != 0.0
+        return self.pack((np.zeros(int(keep.sum()), np.int64), seeds[keep], values[keep]), ctx, state)

@@ -1,0 +1,224 @@
+"""``stamen deploy …``: run a config on a real (loopback) deployment, and the commands that start
+each process of a deployment across machines (same flags as the compose file and k8s manifests).
+
+Only typer is imported at module level: ``stamen --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+deploy_app = typer.Typer(no_args_is_help=True, help=(
+    "Deployment over gRPC: a loopback federation with TLS and node authentication (local), "
+    "certificates, and the SuperLink / SuperNode / flwr commands for real machines (see DEPLOY.md)."))
+
+
+def _errors(debug: bool):
+    from stamen.cli import _fail, user_errors
+    from stamen.deploy.local import DeployError
+
+    return (*user_errors(), DeployError, FileNotFoundError), (lambda err: _fail(err, debug))
+
+
+def _load(config: Optional[Path], set_: list[str]):
+    from stamen import config as C
+    from stamen.cli import DEFAULT_CONFIG
+
+    return C.load(config or DEFAULT_CONFIG, set_)
+
+
+@deploy_app.command()
+def local(
+    config: Optional[Path] = typer.Argument(None, help="Run config (TOML). Default: the embedded digits/FedAvg config."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", min=1,
+                                        help="SuperNodes to start (sets federation.clients). Default: federation.clients."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results directory (default runs/<name>-<timestamp>)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication (loopback only!)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Stop everything if the run takes longer (seconds)."),
+    measure_bytes: bool = typer.Option(False, "--measure-bytes",
+                                       help="Route SuperNodes through a byte-counting proxy; write wire_bytes.json."),
+    keep: Optional[Path] = typer.Option(None, "--keep", help="Copy the work dir (certs, logs, Flower state) here."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run a config on 1 SuperLink + N SuperNodes on this machine (gRPC, TLS, node auth), then stop them all."""
+    from rich.console import Console
+
+    from stamen.server.app import default_out_dir
+
+    console = Console()
+    errors, fail = _errors(debug)
+    try:
+        cfg = _load(config, set_)
+        n = nodes or cfg.federation.clients
+        cfg.federation.clients = n
+        from stamen.experiment import preflight
+
+        preflight(cfg)
+        out_dir = (out or default_out_dir(cfg)).resolve()
+        if (out_dir / "metrics.jsonl").exists():
+            raise ValueError(f"{out_dir} already holds a run; choose another --out")
+    except errors as err:
+        fail(err)
+        return
+    console.print(f"[bold]stamen deploy local[/] {cfg.strategy.name} on {cfg.task.dataset} ({n} SuperNodes, "
+                  f"{cfg.run.rounds} rounds, codec {cfg.compression.codec}) → {out_dir}")
+
+    def on_round(row: dict) -> None:
+        acc = row.get("test_accuracy")
+        console.print(f"  round {row['round']}/{cfg.run.rounds}: {row['clients']} replies, "
+                      f"up {row['uplink_bytes']} B, down {row['downlink_bytes']} B, {row['wall_s']:.1f} s"
+                      + (f", acc {acc:.4f}" if acc is not None else ""))
+
+    from stamen.deploy.local import deploy_local
+
+    try:
+        result = deploy_local(cfg, n, out_dir, tls=not insecure, timeout=timeout, keep=keep,
+                              measure_bytes=measure_bytes, echo=console.print, on_round=on_round)
+    except errors as err:
+        fail(err)
+        return
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process was stopped[/]")
+        raise typer.Exit(code=130)
+    console.print(f"[green]run {result.run_id}: {result.status}[/] in {result.finished_at - result.started_at:.1f} s; "
+                  f"results in {out_dir}")
+
+
+@deploy_app.command()
+def certs(
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for ca.crt, server.pem/.key, supernode-<i>.key/.pub."),
+    nodes: int = typer.Option(0, "--nodes", "-n", min=0, help="SuperNode key pairs to create."),
+    host: list[str] = typer.Option([], "--host", help="DNS name of the SuperLink (repeatable)."),
+    ip: list[str] = typer.Option([], "--ip", help="IP address of the SuperLink (repeatable)."),
+    days: int = typer.Option(365, "--days"),
+) -> None:
+    """Create a CA, the SuperLink's TLS certificate and SuperNode authentication keys."""
+    from stamen.deploy.certs import make_certificates
+
+    paths = make_certificates(out, nodes, host, ip, days)
+    typer.echo(f"CA {paths.ca_cert}; SuperLink certificate {paths.server_cert} for {', '.join([*host, *ip]) or 'loopback'}"
+               f" (+ localhost, 127.0.0.1, ::1); {nodes} SuperNode key pairs (register the .pub files with "
+               f"`flwr supernode register`)")
+
+
+def _exec(argv: list[str], dry_run: bool) -> None:
+    from stamen.deploy.spec import FLOWER_ENV
+
+    if dry_run:
+        import shlex
+
+        typer.echo(shlex.join(argv))
+        return
+    if shutil.which(argv[0]) is None:
+        raise typer.BadParameter(f"{argv[0]} is not on PATH (pip install stamen, or use the Docker image)")
+    os.environ.update({k: v for k, v in FLOWER_ENV.items() if k not in os.environ})
+    os.execvp(argv[0], argv)
+
+
+@deploy_app.command()
+def superlink(
+    certs_dir: Optional[Path] = typer.Option(None, "--certs", help="Directory made by `stamen deploy certs`."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication."),
+    no_node_auth: bool = typer.Option(False, "--no-node-auth", help="TLS but accept any SuperNode."),
+    fleet_address: str = typer.Option("0.0.0.0:9092", "--fleet-address", help="Fleet API bind address (SuperNodes)."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Control/Runtime API bind host (flwr CLI)."),
+    port: int = typer.Option(8000, "--port", help="Control/Runtime API port."),
+    isolation: str = typer.Option("subprocess", "--isolation", help="subprocess: start the ServerApp itself; "
+                                  "process: an external `flower-superexec` does."),
+    database: Optional[str] = typer.Option(None, "--database", help="State file (registered keys survive restarts)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command instead of running it."),
+) -> None:
+    """Start a SuperLink (exec flower-superlink with Stamen's flags)."""
+    from stamen.deploy import spec
+    from stamen.deploy.certs import CertPaths
+
+    if insecure:
+        args = spec.superlink_args(ca=None, node_auth=False, fleet_address=fleet_address, host=host, port=port,
+                                   isolation=isolation, database=database)
+    else:
+        if certs_dir is None:
+            raise typer.BadParameter("give --certs DIR (or --insecure)")
+        c = CertPaths(certs_dir.resolve())
+        args = spec.superlink_args(ca=c.ca_cert, cert=c.server_cert, key=c.server_key, node_auth=not no_node_auth,
+                                   fleet_address=fleet_address, host=host, port=port, isolation=isolation,
+                                   database=database)
+    _exec(["flower-superlink", *args], dry_run)
+
+
+@deploy_app.command()
+def supernode(
+    partition_id: int = typer.Option(..., "--partition-id", "-i", min=0, help="This node's partition (0 … N-1)."),
+    num_partitions: int = typer.Option(..., "--nodes", "-n", min=1, help="N = federation.clients."),
+    superlink_address: str = typer.Option(..., "--superlink", help="SuperLink Fleet API, host:9092."),
+    certs_dir: Optional[Path] = typer.Option(None, "--certs", help="Directory with ca.crt and supernode-<i>.key."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Private key (default CERTS/supernode-<i>.key)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS (the SuperLink must be --insecure too)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Runtime API port (default 9094 + partition id)."),
+    isolation: str = typer.Option("subprocess", "--isolation"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command instead of running it."),
+) -> None:
+    """Start SuperNode i (exec flower-supernode with Stamen's flags)."""
+    from stamen.deploy import spec
+    from stamen.deploy.certs import CertPaths
+
+    runtime_port = port if port is not None else spec.SUPERNODE_PORT + partition_id
+    if insecure:
+        args = spec.supernode_args(partition_id, num_partitions, superlink=superlink_address, ca=None,
+                                   port=runtime_port, isolation=isolation)
+    else:
+        if certs_dir is None:
+            raise typer.BadParameter("give --certs DIR (or --insecure)")
+        c = CertPaths(certs_dir.resolve())
+        args = spec.supernode_args(partition_id, num_partitions, superlink=superlink_address, ca=c.ca_cert,
+                                   auth_key=(key or c.node_key(partition_id)).resolve(), port=runtime_port,
+                                   isolation=isolation)
+    _exec(["flower-supernode", *args], dry_run)
+
+
+@deploy_app.command("flwr-home")
+def flwr_home(
+    superlink_address: str = typer.Option(..., "--superlink", help="SuperLink Control API, host:8000."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="Root certificate (ca.crt)."),
+    insecure: bool = typer.Option(False, "--insecure"),
+    out: Path = typer.Option(..., "--out", "-o", help="The FLWR_HOME directory to write config.toml into."),
+) -> None:
+    """Write a FLWR_HOME config with the connection `stamen` (for flwr run / flwr supernode register)."""
+    from stamen.deploy import spec
+
+    if not insecure and ca is None:
+        raise typer.BadParameter("give --ca ca.crt (or --insecure)")
+    home = spec.write_flwr_home(out, superlink_address, ca=None if insecure else ca)
+    typer.echo(f"wrote {home / 'config.toml'}; use: FLWR_HOME={home} flwr … {spec.CONNECTION}")
+
+
+@deploy_app.command()
+def app(
+    config: Optional[Path] = typer.Argument(None, help="Run config (TOML). Default: the embedded config."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for app/ (the FAB) and run-config.toml."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Write what `flwr run` needs for CONFIG: an app directory and a --run-config file."""
+    from stamen.deploy import spec
+
+    errors, fail = _errors(debug)
+    try:
+        cfg = _load(config, set_)
+    except errors as err:
+        fail(err)
+        return
+    app_dir = spec.write_app_dir(out / "app")
+    rc = out / "run-config.toml"
+    rc.write_text(spec.run_config_toml(cfg))
+    typer.echo(f"wrote {app_dir} and {rc} (federation.clients={cfg.federation.clients}: start that many SuperNodes)\n"
+               f"run:  flwr run {app_dir} {spec.CONNECTION} --run-config {rc} --stream")
+
+
+if __name__ == "__main__":
+    deploy_app()

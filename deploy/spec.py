@@ -1,0 +1,238 @@
+"""The one source of truth for a Stamen deployment on Flower 1.39: versions, images, ports,
+and the exact command lines of every process.
+
+``stamen deploy local``, ``python -m stamen.deploy.launch`` (real machines), the Docker compose
+file and the Kubernetes manifests all use these values; ``tests/test_deploy.py`` checks that the
+YAML files in ``deploy/docker`` and ``deploy/k8s`` carry the same ports, image tags and flags.
+
+The processes of a deployment (Flower 1.39)::
+
+    flwr CLI ──HTTPS :8000 (Control API)──▶ SuperLink ◀──HTTPS :8000 (Runtime API)── SuperExec → ServerApp
+                                              ▲ gRPC+TLS :9092 (Fleet API, node auth)
+                         SuperNode i ─────────┘
+                           ▲ HTTP 127.0.0.1:9094 (Runtime API, one port per SuperNode on a host)
+                         SuperExec → ClientApp (one short-lived process per message)
+
+With ``--isolation subprocess`` (the default, used by ``stamen deploy local``) the SuperLink and
+each SuperNode start their SuperExec themselves; with ``--isolation process`` (compose, k8s) the
+SuperExec runs in its own container, built from the Stamen image, next to Flower's official
+``flwr/superlink`` / ``flwr/supernode`` containers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import tomli_w
+
+FLOWER_VERSION = "1.39.0"
+SUPERLINK_IMAGE = f"flwr/superlink:{FLOWER_VERSION}"
+SUPERNODE_IMAGE = f"flwr/supernode:{FLOWER_VERSION}"
+#: built from deploy/docker/Dockerfile (python:3.11-slim + ``pip install .``: flwr==1.39.0, torch CPU, stamen)
+STAMEN_IMAGE = "stamen:0.1.0"
+
+FLEET_PORT = 9092  #: SuperLink Fleet API (gRPC-rere): SuperNodes connect here; model updates travel here
+CONTROL_PORT = 8000  #: SuperLink HTTP(S) API: Control (``flwr`` CLI) and Runtime (ServerApp SuperExec)
+SUPERNODE_PORT = 9094  #: SuperNode Runtime API (its ClientApp SuperExec); each SuperNode on a host needs its own
+RAY_PORT = 6379  #: Ray head (GCS) port for simulations on a Ray cluster (``federation.ray_address``)
+
+#: where the compose file and the k8s manifests mount the certificate directory (the images' workdir is /app)
+CERTS_DIR_IN_CONTAINER = "/app/certificates"
+#: the uid/gid Flower's official images run as: mounted keys must be readable by it
+FLOWER_IMAGE_UID = 49999
+
+#: the ``flwr`` connection name that Stamen writes into a FLWR_HOME config
+CONNECTION = "stamen"
+
+#: environment every Flower process of a Stamen deployment gets (no `uv sync` at run time, no telemetry)
+FLOWER_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def _p(path: str | os.PathLike) -> str:
+    return str(path)
+
+
+def superlink_args(*, ca: str | os.PathLike | None, cert: str | os.PathLike | None = None,
+                   key: str | os.PathLike | None = None, node_auth: bool = True,
+                   fleet_address: str = f"0.0.0.0:{FLEET_PORT}", host: str = "0.0.0.0", port: int = CONTROL_PORT,
+                   isolation: str = "subprocess", database: str | None = None) -> list[str]:
+    """Arguments of ``flower-superlink`` (the official image's entrypoint).
+
+    ``ca=None`` means ``--insecure`` (plain text, no node authentication possible). ``host``/``port``
+    is where the Control API (``flwr``) and the Runtime API (the ServerApp's SuperExec) listen.
+    """
+    args: list[str] = []
+    if ca is None:
+        if node_auth:
+            raise ValueError("SuperNode authentication needs TLS: give the certificates or node_auth=False")
+        args += ["--insecure"]
+    else:
+        if cert is None or key is None:
+            raise ValueError("TLS needs the CA certificate, the server certificate and its key")
+        args += ["--ssl-ca-certfile", _p(ca), "--ssl-certfile", _p(cert), "--ssl-keyfile", _p(key)]
+        if node_auth:
+            args += ["--enable-supernode-auth"]
+    args += ["--fleet-api-type", "grpc-rere", "--fleet-api-address", fleet_address,
+             "--host", host, "--port", str(port), "--isolation", isolation,
+             "--disable-runtime-dependency-installation"]
+    if database:
+        args += ["--database", database]
+    return args
+
+
+def node_config(partition_id: int | str, num_partitions: int) -> str:
+    """The ``--node-config`` of SuperNode ``partition_id``: Stamen's ClientApp reads ``partition-id``.
+
+    ``partition_id`` may be a placeholder string such as ``$(POD_INDEX)`` (Kubernetes expands it).
+    """
+    pid = partition_id if isinstance(partition_id, str) else int(partition_id)
+    return f"partition-id={pid} num-partitions={int(num_partitions)}"
+
+
+def node_key_name(partition_id: int | str) -> str:
+    """File name of SuperNode ``partition_id``'s private key (see :mod:`stamen.deploy.certs`)."""
+    return f"supernode-{partition_id}.key"
+
+
+def supernode_args(partition_id: int | str, num_partitions: int, *, superlink: str, ca: str | os.PathLike | None,
+                   auth_key: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = SUPERNODE_PORT,
+                   isolation: str = "subprocess", max_retries: int | None = None,
+                   max_wait_time: float | None = None) -> list[str]:
+    """Arguments of ``flower-supernode`` (the official image's entrypoint).
+
+    ``superlink`` is the Fleet API address (``host:9092``); ``ca=None`` means ``--insecure``;
+    ``auth_key`` is the node's OpenSSH private key (see :mod:`stamen.deploy.certs`).
+    ``host``/``port`` is this node's Runtime API, which its ClientApp SuperExec dials.
+    """
+    args = ["--insecure"] if ca is None else ["--root-certificates", _p(ca)]
+    args += ["--grpc-rere", "--superlink", superlink]
+    if auth_key is not None:
+        args += ["--auth-supernode-private-key", _p(auth_key)]
+    args += ["--node-config", node_config(partition_id, num_partitions),
+             "--host", host, "--port", str(port), "--isolation", isolation]
+    if max_retries is not None:
+        args += ["--max-retries", str(max_retries)]
+    if max_wait_time is not None:
+        args += ["--max-wait-time", str(max_wait_time)]
+    return args
+
+
+def superexec_args(runtime_address: str, *, ca: str | os.PathLike | None) -> list[str]:
+    """Arguments of ``flower-superexec`` (Stamen image) for ``--isolation process``.
+
+    Next to a SuperLink it runs the ServerApp (``runtime_address`` = SuperLink ``host:8000``, TLS
+    with the deployment CA); next to a SuperNode it runs the ClientApps (``127.0.0.1:9094`` in
+    the same network namespace — a Pod or ``network_mode: service:…`` — where ``ca=None`` is fine).
+    """
+    tls = ["--insecure"] if ca is None else ["--root-certificates", _p(ca)]
+    return [*tls, "--runtime-api-address", runtime_address]
+
+
+def flwr_config(address: str, *, ca: str | os.PathLike | None, name: str = CONNECTION) -> str:
+    """``$FLWR_HOME/config.toml`` for the ``flwr`` CLI: one SuperLink connection, the default.
+
+    ``address`` is the SuperLink Control API (``host:8000``); ``ca`` its root certificate
+    (absolute path), or None for an ``--insecure`` SuperLink.
+    """
+    conn: dict[str, Any] = {"address": address}
+    if ca is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(Path(ca).resolve())
+    return tomli_w.dumps({"superlink": {"default": name, name: conn}})
+
+
+def write_flwr_home(flwr_home: str | os.PathLike, address: str, *, ca: str | os.PathLike | None,
+                    name: str = CONNECTION) -> Path:
+    home = Path(flwr_home)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(flwr_config(address, ca=ca, name=name))
+    return home
+
+
+# -- the run config ---------------------------------------------------------------------
+def _toml_literal(value: Any) -> str:
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def run_overrides(cfg) -> str:
+    """The whole resolved Stamen config as one ``overrides`` string (``section.key=value; …``).
+
+    Under ``flwr run`` every process — the ServerApp on the SuperLink host and each ClientApp on
+    its SuperNode — rebuilds the config from the run config (:func:`stamen.config.from_flat`).
+    Inlining every key (instead of ``config-file``, a path that would have to exist on every
+    machine) makes a deployment need nothing but the installed Stamen package.
+    """
+    from stamen.config import to_flat
+
+    items = []
+    for key, value in to_flat(cfg).items():
+        if value is None:  # "not set": the default on the other side is None too
+            continue
+        lit = _toml_literal(value)
+        if ";" in lit:
+            raise ValueError(f"config value {key}={lit} contains ';', which separates overrides")
+        items.append(f"{key}={lit}")
+    return "; ".join(items)
+
+
+def run_config(cfg) -> dict[str, str]:
+    """Flower's run config (``[tool.flwr.app.config]`` keys) that carries ``cfg``."""
+    return {"config-file": "", "overrides": run_overrides(cfg)}
+
+
+def run_config_toml(cfg) -> str:
+    """A file for ``flwr run … --run-config FILE`` (avoids shell quoting of the overrides)."""
+    return tomli_w.dumps(run_config(cfg))
+
+
+#: the Flower app Stamen runs (the same values as ``[tool.flwr.app]`` in Stamen's pyproject.toml)
+APP_PUBLISHER = "stamen"
+APP_COMPONENTS = {"serverapp": "stamen.server.app:app", "clientapp": "stamen.client.app:app"}
+APP_CONFIG = {"config-file": "", "overrides": ""}
+
+
+def app_pyproject() -> str:
+    """The pyproject.toml of the Flower app (FAB) that ``flwr run`` uploads.
+
+    Stamen is installed on every machine (the Stamen image, or ``pip install``), so the FAB carries
+    only the app's identity, its components and its run-config keys — no code. Shipping code in the
+    FAB would not work anyway: Stamen maps top-level folders into the ``stamen.*`` namespace at
+    install time.
+    """
+    from importlib.metadata import metadata, requires, version
+
+    deps = [r for r in (requires("stamen") or []) if "extra ==" not in r]
+    return tomli_w.dumps({
+        "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
+        "project": {"name": "stamen", "version": version("stamen"),
+                    "description": metadata("stamen")["Summary"] or "Stamen", "dependencies": deps},
+        "tool": {"flwr": {"app": {"publisher": APP_PUBLISHER, "components": APP_COMPONENTS,
+                                  "config": APP_CONFIG}}},
+    })
+
+
+def write_app_dir(dest: str | os.PathLike) -> Path:
+    """Write the Flower app directory for ``flwr run`` into ``dest`` (a temporary directory).
+
+    ``flwr run`` may rewrite an app's pyproject.toml (it migrates ``[tool.flwr.federations]``
+    tables into FLWR_HOME), so it is pointed at this generated copy, never at the repository.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "pyproject.toml").write_text(app_pyproject())
+    return dest
+
+
+def ports_in(args: Iterable[str]) -> list[int]:
+    """Every port number that appears in an argument list (``--port N`` or ``host:N``)."""
+    out: list[int] = []
+    args = list(args)
+    for i, a in enumerate(args):
+        if a == "--port" and i + 1 < len(args):
+            out.append(int(args[i + 1]))
+        elif ":" in a and a.rsplit(":", 1)[1].isdigit() and not a.startswith("-"):
+            out.append(int(a.rsplit(":", 1)[1]))
+    return out

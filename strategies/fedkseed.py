@@ -1,0 +1,100 @@
+"""Strategy ``fedkseed``: zeroth-order local training along K seeded directions (the Ferret paper's baseline).
+
+Qin et al., "Federated Full-Parameter Tuning of Billion-Sized Language Models with
+Communication Cost under 18 Kilobytes" (ICML 2024); ``/work/shared/specs/ferret.md`` (pitfalls).
+
+**Client duty** (trainer ``fedkseed``, ``client/trainers_ferret.py``). ``local_steps`` times: pick
+a pool index k uniformly, take the shared direction z_k (drawn from the k-th of the run's K pool
+seeds: Ferret's basis over the whole model as one block, rescaled to unit-variance entries —
+bounded near-uniform rather than Gaussian, E[z zᵀ] = I; always CPU fp32), evaluate the loss on
+one mini-batch at w ± ε z_k (two forward passes, no backward) and step
+
+    g = (f(w + ε z_k) − f(w − ε z_k)) / (2ε),    w ← w − lr · g · z_k.
+
+The local update is then exactly Σ_k c_k v_k with c_k = −lr/√ρ · Σ_{steps on k} g (the
+accumulated scalar per seed, in the basis v = √ρ z); the client sends the non-zero c_k as
+one-block Ferret coefficients (encoder ``fedkseed``): (block, seed index, fp32 value) per
+seed it used — at most min(K, local_steps) triples of 8 bytes, rather than K dense scalars.
+
+**Server duty.** As ``ferret`` (this class derives from it): aggregate the scalars per seed,
+weighted by examples, C = Σ_i (n_i/Σn) c_i, and step w ← w + η_s Σ_k C_k v_k — with
+``server_lr`` η_s = 1 this is w − lr Σ_k (Σ_i p_i acc_i[k]) z_k, FedAvg of the clients'
+zeroth-order models. ``downlink = "coefficients"`` sends clients the aggregated scalars of the
+rounds they missed (Ferret's catch-up scheme, dense weights on first participation), ``"dense"``
+the weights.
+
+**Defaults, scaled to a CPU and a ~1 M-parameter model.** The paper uses K = 4096, ε = 5e-4,
+200 steps with lr 3e-7 on billion-parameter LLMs. Each step here costs two forward passes and
+one d-sized direction (~10 ms for 1.1 M parameters), so the defaults are K = 4096, ε = 5e-4,
+``local_steps`` = 20 and ``lr`` = 1e-4 (tuned on the stdlib GPT: see benchmarks/ferret_study.py);
+the server's reconstruction costs one direction per distinct seed used in the round
+(≤ clients × steps), independent of K.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import Field
+
+from stamen.config import ConfigError
+from stamen import protocol as P
+from stamen.sketching.codec import Layout
+from stamen.sketching.ferret import FerretCodec, block_partition
+from stamen.strategies.ferret import DOWNLINK_NAME, SERVER_LR, FerretStrategy, check_plain_config
+from stamen.strategies.registry import Options, StrategySpec, register_strategy
+
+# Message config entries shared with client/trainers_ferret.py
+ZO_STEPS, ZO_EPS, ZO_LR = "zo-steps", "zo-eps", "zo-lr"
+
+
+class FedKSeedOptions(Options):
+    K: int = Field(4096, ge=1, le=2**31 - 1, description="number of candidate seeds (directions) per run")
+    local_steps: int = Field(20, ge=1, description="zeroth-order steps per client and round")
+    eps: float = Field(5e-4, gt=0.0, description="perturbation scale ε of the two-point estimate")
+    lr: float = Field(1e-4, gt=0.0, description="client learning rate of the zeroth-order steps")
+    server_lr: float = Field(1.0, gt=0.0, description="η_s in w ← w + η_s·Σ_k C_k v_k")
+    downlink: Literal["coefficients", "dense"] = "coefficients"
+
+
+class FedKSeedStrategy(FerretStrategy):
+    """FedKSeed on Ferret's machinery: see the module docstring."""
+
+    wire_codec = "fedkseed"
+
+    def codec_options(self, layout: Layout) -> dict[str, Any]:
+        # one block over the whole model: the block limit ratio × median(numel) must reach d
+        return {"K": self.options.K, "value_dtype": "fp32", "block_ratio": float(max(layout.d, 1)), "clip": None,
+                "pool_scope": "run"}
+
+    def make_codec(self, layout: Layout) -> FerretCodec:
+        options = self.codec_options(layout)
+        if len(block_partition(layout, options["block_ratio"])) != 1:
+            raise ConfigError("strategy 'fedkseed' needs the model as one block, but its parameter layout does not "
+                              "pack into one (more than half of its tensors are empty)")
+        return FerretCodec(**options)
+
+    def client_instructions(self, server_round: int) -> dict[str, Any]:
+        o = self.options
+        out = {P.CODEC: self.wire_codec, "codec-options": json.dumps(self.codec_options(self.layout), sort_keys=True),
+               "trainer": "fedkseed", ZO_STEPS: int(o.local_steps), ZO_EPS: float(o.eps), ZO_LR: float(o.lr)}
+        if o.downlink == "coefficients":
+            out.update({"downlink": DOWNLINK_NAME, SERVER_LR: float(o.server_lr)})
+        return out
+
+    def summary_metrics(self) -> dict[str, Any]:
+        o = self.options
+        return {"fedkseed": {"K": o.K, "local_steps": o.local_steps, "eps": o.eps, "lr": o.lr,
+                             "downlink": o.downlink, "parameters": self.layout.d}}
+
+
+def build_fedkseed(options: FedKSeedOptions, cfg) -> FedKSeedStrategy:
+    check_plain_config(cfg, "fedkseed")
+    return FedKSeedStrategy(options)
+
+
+register_strategy(StrategySpec(
+    "fedkseed", build_fedkseed, FedKSeedOptions,
+    "FedKSeed (Qin et al. 2024): zeroth-order local steps along K seeded directions; clients send one scalar per "
+    "seed used, the server aggregates scalars per seed"))

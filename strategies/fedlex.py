@@ -1,0 +1,370 @@
+"""FedLEx: federated loss exploration with a guidance matrix (``/work/shared/specs/fedlex.md``).
+
+Internò, Olhofer, Jin, Hammer, "Federated Loss Exploration for Improved Convergence on
+Non-IID Data" (IJCNN 2024). FedLEx is a plug-in in front of a base aggregation rule
+(``strategy.base``: fedavg, fedavgm, fedadam, fedprox, ... any registered strategy whose
+clients send updates). What it adds, server side and client side:
+
+**Exploration** (once, inside round 1's ``configure_train``, before that round's sampling).
+A seeded fraction ``explorer_fraction`` of the partitions get a train message with
+``trainer = "explore"``, ``server-round = 0`` and the initial weights W0. Each explorer loads
+W0 into its model (its own copy: the message's arrays are never trained in place), trains it
+for up to ``exploration_epochs`` epochs with early stopping (``patience`` epochs without a
+lower monitored loss; the monitored loss is the epoch's mean training loss, or with
+``holdout_fraction > 0`` the loss on a seeded held-apart slice of its local data), restores
+its best epoch's weights W_i and replies. The reply is the ordinary dense update payload
+Δ_i = W_i − W0 (fp32, forced ``codec = "dense"`` whatever the run's codec, so nothing is lost
+to compression); the server squares it into the displacement D_i = (W0 − W_i)² = Δ_i², the
+same fp32 numbers the client would have computed (negation is exact). Uploading Δ_i rather
+than D_i costs the same bytes but also reveals the signs; it is what the client app's train
+path can carry (a train reply's arrays are the codec payload of Δ).
+
+**Guidance matrix** (:func:`guidance_matrix`). Per parameter tensor, min-max normalization
+to [0, 1]. ``normalization``:
+
+- ``normalize_then_average`` (default, the paper's figure): G = mean_i minmax(D_i). Each
+  explorer has the same say whatever the scale of its displacement (one explorer that ran
+  more epochs or diverged cannot dominate), and a coordinate is frozen (G = 0) only where
+  every explorer's displacement is its tensor's minimum;
+- ``average_then_normalize`` (the reference code): G = minmax(mean_i D_i).
+
+A tensor whose displacement is constant (max = min) carries no preference among its
+coordinates and gets G = 1 there (the reference divides by zero). Min-max normalized squared
+displacements are heavy-tailed, so mean(G) is small (0.03–0.1 in our runs): under SGD, G also
+shrinks the average step that much. ``rescale = "unit_mean"`` (an ablation, not in the paper;
+default ``none``) divides each tensor of G by its mean, keeping the per-coordinate pattern and
+the zeros but the base's average step size.
+``guidance``: ``global`` (one G from all explorers, built once) or ``per_round`` (the
+reference code: each round, G from the stored D_i of that round's sampled partitions that
+explored; the global G when none of them explored).
+
+**Guided local training** (client duty, trainer ``guided``): after every backward pass
+grad ← grad ⊙ G, then the optimizer step (the run's ``task.optimizer``: SGD or Adam, with
+``task.lr``; FedLEx adds no optimizer of its own, so it is compared with its base under the
+same local optimizer). With SGD, G is a per-coordinate step size; with Adam the scale mostly
+cancels and the effect comes from exact zeros.
+
+**G travels once per node.** The server remembers, per node id, which G version (a hash of
+its bytes) the node acknowledged by a valid reply, and attaches G only to the messages of
+nodes that lack it: per-node messages whose ``config`` gains ``fedlex-guidance`` (G as raw
+little-endian fp32 bytes in the layout's order). Every guided message carries
+``trainer = "guided"`` and ``fedlex-guidance-version``; the client caches G in its node state
+and refuses to train with a version it does not hold. G rides in the config record, not in an
+extra ArrayRecord, because a trainer sees the round's config but not the message's other
+records. A node whose reply is lost or rejected is sent G again next time it is sampled, and
+a resumed run (fresh node state) resends it once per node.
+
+Costs are measured: exploration message/reply bytes and wall time (round 1's metrics line and
+the summary), guidance bytes per round (also included in the loop's ``downlink_bytes``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from typing import Any, Literal
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from pydantic import ConfigDict, Field
+
+from stamen import protocol as P
+from stamen.sketching.codec import CodecContext, Layout, PayloadError, make_codec
+from stamen.strategies.base import StamenStrategy
+from stamen.strategies.registry import (
+    Options,
+    StrategyConfigError,
+    StrategySpec,
+    parse_options,
+    register_strategy,
+    strategy_spec,
+)
+
+log = logging.getLogger("stamen.strategy.fedlex")
+
+# Message config entries shared with the client's trainers (client/trainers_guided.py).
+TRAINER_EXPLORE, TRAINER_GUIDED = "explore", "guided"
+EXPLORATION_EPOCHS, EXPLORATION_PATIENCE, EXPLORATION_HOLDOUT = (
+    "exploration-epochs", "exploration-patience", "exploration-holdout")
+GUIDANCE, GUIDANCE_VERSION = "fedlex-guidance", "fedlex-guidance-version"
+EXPLORATION_ROUND = 0  # the ``server-round`` of exploration messages: they precede round 1
+
+Normalization = Literal["normalize_then_average", "average_then_normalize"]
+
+
+# -- the math (pure functions on {tensor name: fp32 array}) ---------------------------------
+def squared_displacement(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """D = (W0 − W_final)² per element, fp32, from the update Δ = W_final − W0 (D = Δ²: negation is exact)."""
+    return {k: np.square(np.asarray(v, np.float32), dtype=np.float32) for k, v in update.items()}
+
+
+def minmax_per_tensor(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """(D − min D) / (max D − min D) per tensor, fp32 in [0, 1]; a constant tensor maps to 1."""
+    out = {}
+    for k, v in d.items():
+        v = np.asarray(v, np.float32)
+        if v.size == 0:
+            out[k] = v.copy()
+            continue
+        lo, hi = np.float32(v.min()), np.float32(v.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"displacement of tensor {k!r} is not finite")
+        out[k] = np.ones_like(v) if hi <= lo else np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return out
+
+
+def _mean(ds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: (np.sum(np.stack([d[k] for d in ds]), axis=0, dtype=np.float32) / np.float32(len(ds))).astype(np.float32)
+            for k in ds[0]}
+
+
+def guidance_matrix(displacements: list[dict[str, np.ndarray]], normalization: Normalization) -> dict[str, np.ndarray]:
+    """G from the explorers' displacements D_i (see the module docstring for the two orders)."""
+    if not displacements:
+        raise ValueError("the guidance matrix needs at least one explorer's displacement")
+    if normalization == "normalize_then_average":
+        return _mean([minmax_per_tensor(d) for d in displacements])
+    if normalization == "average_then_normalize":
+        return minmax_per_tensor(_mean(displacements))
+    raise ValueError(f"unknown strategy.normalization {normalization!r}")
+
+
+def unit_mean(guidance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """G / mean(G) per tensor (a tensor whose G is all zero stays zero)."""
+    out = {}
+    for k, v in guidance.items():
+        m = np.float32(v.mean()) if v.size else np.float32(0)
+        out[k] = (v / m).astype(np.float32) if m > 0 else v.copy()
+    return out
+
+
+def guidance_bytes(guidance: dict[str, np.ndarray], layout: Layout) -> bytes:
+    """G as it travels: little-endian fp32 values in the layout's order."""
+    return np.concatenate([np.asarray(guidance[n], "<f4").reshape(-1) for n in layout.names]).tobytes()
+
+
+def guidance_version(raw: bytes) -> str:
+    """The version a node caches G under: a hash of the bytes (same function on the client)."""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# -- the strategy ----------------------------------------------------------------------------
+class FedLExOptions(Options):
+    """FedLEx's own ``strategy.*`` options; any other key is validated by the base strategy."""
+
+    model_config = ConfigDict(extra="allow")
+    base: str = Field("fedavg", description="the aggregation FedLEx guides: any registered strategy name")
+    explorer_fraction: float = Field(0.2, gt=0.0, le=1.0, description="fraction of partitions that explore")
+    exploration_epochs: int = Field(20, ge=1, description="maximum local epochs of an explorer")
+    patience: int = Field(5, ge=1, description="early stopping: epochs without a lower monitored loss")
+    holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0,
+                                    description="0: monitor the training loss; else the loss on this held-apart share")
+    normalization: Normalization = "normalize_then_average"
+    guidance: Literal["global", "per_round"] = "global"
+    rescale: Literal["none", "unit_mean"] = Field(
+        "none", description="ablation, not in the paper: unit_mean divides each tensor of G by its mean")
+
+
+class FedLExMixin:
+    """Placed in front of a bound Stamen strategy class; see the module docstring."""
+
+    _transient = StamenStrategy._transient + (
+        "fedlex_options", "exploration_timeout", "guidance_holders", "_round", "_dense")
+
+    # set by build_fedlex
+    fedlex_options: FedLExOptions
+    exploration_timeout: float
+
+    def _init_fedlex(self, options: FedLExOptions, timeout: float) -> None:
+        self.fedlex_options, self.exploration_timeout = options, timeout
+        self.explored = False
+        self.displacements: dict[int, dict[str, np.ndarray]] = {}  # partition id -> D_i
+        self.guidance: dict[str, np.ndarray] | None = None  # the global G
+        self.exploration: dict[str, Any] = {}
+        self.total_guidance_downlink_bytes = 0
+        self.guidance_holders: dict[int, str] = {}  # node id -> G version it acknowledged
+        self._round: dict[str, Any] = {}
+        self._dense = make_codec("dense")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.guidance_holders = {}  # a resumed run talks to nodes with fresh state
+
+    # -- exploration ----------------------------------------------------------------------
+    def explore(self, arrays: ArrayRecord, grid) -> None:
+        """Send W0 to the explorers, collect their displacements, build the global G."""
+        o = self.fedlex_options
+        pids = self.sample_partitions(EXPLORATION_ROUND, o.explorer_fraction, "explore")
+        config = ConfigRecord({"server-round": EXPLORATION_ROUND, "trainer": TRAINER_EXPLORE,
+                               P.CODEC: "dense", "codec-options": "{}", EXPLORATION_EPOCHS: o.exploration_epochs,
+                               EXPLORATION_PATIENCE: o.patience, EXPLORATION_HOLDOUT: o.holdout_fraction})
+        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+        messages = [Message(content=content, dst_node_id=self.nodes[pid], message_type=MessageType.TRAIN)
+                    for pid in pids]
+        t0 = time.perf_counter()
+        replies = list(grid.send_and_receive(messages, timeout=self.exploration_timeout))
+        wall = time.perf_counter() - t0
+        epochs = {}
+        for reply in replies:
+            try:
+                pid, delta, metrics = self._check_exploration_reply(reply, pids)
+            except (PayloadError, ValueError, KeyError, TypeError) as err:
+                log.warning("exploration: rejected reply from node %s: %s", reply.metadata.src_node_id, err)
+                continue
+            self.displacements[pid] = squared_displacement(self.layout.unflatten(delta))
+            epochs[pid] = int(metrics.get("exploration_epochs_run", -1))
+        explorers = sorted(self.displacements)
+        self.exploration = {
+            "explorers": explorers, "asked": len(pids), "rejected": len(pids) - len(explorers),
+            "epochs_run": [epochs[p] for p in explorers], "wall_s": wall,
+            "downlink_bytes": len(messages) * P.content_bytes(content),
+            "uplink_bytes": sum(P.message_bytes(r) for r in replies),
+        }
+        if explorers:
+            self.guidance = guidance_matrix([self.displacements[p] for p in explorers], o.normalization)
+        else:
+            log.warning("exploration: no explorer replied validly; FedLEx runs as its base strategy %r", o.base)
+        self.explored = True
+
+    def _check_exploration_reply(self, msg: Message, pids: list[int]):
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        content = msg.content
+        meta, metrics = content.config_records[P.META], content.metric_records[P.METRICS]
+        pid = meta.get(P.PARTITION_ID)
+        if pid not in pids or self.nodes[pid] != msg.metadata.src_node_id:
+            raise ValueError(f"reply names partition-id {pid!r}, which was not asked to explore from this node")
+        if meta.get(P.CODEC) != "dense":
+            raise PayloadError(f"exploration reply encoded with {meta.get(P.CODEC)!r}, expected 'dense'")
+        ctx = CodecContext(seed=self.seed, round=EXPLORATION_ROUND, layout=self.layout, node=pid)
+        delta = self._dense.decode(P.from_array_record(content.array_records[P.UPDATE]), ctx)
+        if not bool(delta.isfinite().all()):
+            raise PayloadError("exploration update is not finite")
+        return pid, delta, dict(metrics)
+
+    # -- guidance per round ---------------------------------------------------------------
+    def guidance_for(self, pids: list[int]) -> dict[str, np.ndarray] | None:
+        """The G this round's sampled partitions train with (None: unguided)."""
+        o, guidance = self.fedlex_options, self.guidance
+        if o.guidance == "per_round":
+            mine = [p for p in pids if p in self.displacements]
+            if mine:
+                guidance = guidance_matrix([self.displacements[p] for p in mine], o.normalization)
+        if guidance is not None and o.rescale == "unit_mean":
+            guidance = unit_mean(guidance)
+        return guidance
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+        explored_now = not self.explored
+        if explored_now:
+            self.explore(arrays, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        pid_of = {nid: pid for pid, nid in self.nodes.items()}
+        nodes = [m.metadata.dst_node_id for m in messages]
+        self._round = {"version": "", "explored": explored_now, "nodes": nodes, "sent": 0, "bytes": 0}
+        guidance = self.guidance_for(sorted(pid_of[n] for n in nodes))
+        if guidance is None:
+            return messages
+        raw = guidance_bytes(guidance, self.layout)
+        version, flat = guidance_version(raw), np.frombuffer(raw, "<f4")
+        self._round.update(version=version, mean=float(flat.mean()), zeros=float((flat == 0).mean()))
+        variants: dict[int, tuple[RecordDict, RecordDict, int]] = {}  # per distinct base content
+        out = []
+        for msg in messages:
+            if id(msg.content) not in variants:
+                variants[id(msg.content)] = self._guided_contents(msg.content, raw, version)
+            lean, with_g, g_bytes = variants[id(msg.content)]
+            node = msg.metadata.dst_node_id
+            holds = self.guidance_holders.get(node) == version
+            if not holds:
+                self._round["sent"] += 1
+                self._round["bytes"] += g_bytes
+            out.append(Message(content=lean if holds else with_g, dst_node_id=node,
+                               message_type=msg.metadata.message_type))
+        self.total_guidance_downlink_bytes += self._round["bytes"]
+        return out
+
+    def _guided_contents(self, content: RecordDict, raw: bytes, version: str) -> tuple[RecordDict, RecordDict, int]:
+        """The base's message content with the guided-trainer entries; the same plus G; G's bytes."""
+        config = dict(content.config_records[P.CONFIG])
+        if config.get("trainer", "sgd") != "sgd":
+            raise ValueError(f"strategy.base={self.fedlex_options.base!r} asks clients for its own trainer "
+                             f"{config['trainer']!r}; FedLEx's guided trainer cannot be combined with it")
+        lean_config = ConfigRecord({**config, "trainer": TRAINER_GUIDED, GUIDANCE_VERSION: version})
+        full_config = ConfigRecord({**dict(lean_config), GUIDANCE: raw})
+        lean = RecordDict({k: lean_config if k == P.CONFIG else v for k, v in content.items()})
+        with_g = RecordDict({k: full_config if k == P.CONFIG else v for k, v in content.items()})
+        return lean, with_g, P.content_bytes(with_g) - P.content_bytes(lean)
+
+    def aggregate_train(self, server_round: int, replies):
+        result = super().aggregate_train(server_round, replies)
+        version = self._round.get("version")
+        if version:
+            ok = {self.nodes[p] for p in self.last_participants}
+            for node in self._round["nodes"]:
+                if node in ok:
+                    self.guidance_holders[node] = version
+                else:  # lost or rejected: the node may lack G; send it again next time
+                    self.guidance_holders.pop(node, None)
+        return result
+
+    # -- what is recorded -----------------------------------------------------------------
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        row = dict(super().round_metrics(server_round))
+        r = self._round
+        row.update(guidance_downlink_bytes=r.get("bytes", 0), guidance_sent=r.get("sent", 0),
+                   guidance_version=r.get("version", ""))
+        if r.get("version"):
+            row.update(guidance_mean=r["mean"], guidance_zero_fraction=r["zeros"])
+        if r.get("explored"):
+            ex = self.exploration
+            row.update(exploration_downlink_bytes=ex["downlink_bytes"], exploration_uplink_bytes=ex["uplink_bytes"],
+                       exploration={k: ex[k] for k in ("explorers", "asked", "rejected", "epochs_run", "wall_s")})
+        return row
+
+    def summary_metrics(self) -> dict[str, Any]:
+        ex = self.exploration
+        return {"exploration": {k: ex.get(k) for k in ("explorers", "asked", "rejected", "epochs_run", "wall_s")},
+                "exploration_downlink_bytes": ex.get("downlink_bytes", 0),
+                "exploration_uplink_bytes": ex.get("uplink_bytes", 0),
+                "total_guidance_downlink_bytes": self.total_guidance_downlink_bytes}
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def fedlex_class(base_cls: type) -> type:
+    """The class ``FedLEx<Base>``: FedLExMixin in front of a Stamen strategy class."""
+    if base_cls not in _CLASSES:
+        name = "FedLEx" + base_cls.__name__.removeprefix("Stamen")
+        _CLASSES[base_cls] = type(name, (FedLExMixin, base_cls), {"__doc__": __doc__})
+    return _CLASSES[base_cls]
+
+
+def build_fedlex(options: FedLExOptions, cfg) -> StamenStrategy:
+    """Build ``strategy.base`` exactly as ``strategy.name = <base>`` would (its own options, its
+    own validation), then re-class the object to ``FedLEx<Base>`` so the base's round methods
+    run underneath FedLEx's through ``super()``."""
+    if options.base == "fedlex":
+        raise StrategyConfigError("strategy.base='fedlex': FedLEx needs a base aggregation strategy, not itself")
+    try:
+        spec = strategy_spec(options.base)
+    except StrategyConfigError as err:
+        raise StrategyConfigError(str(err).replace("strategy.name", "strategy.base")) from None
+    if not spec.sends_updates:
+        raise StrategyConfigError(f"strategy.base={options.base!r}: its clients do not send model updates, "
+                                  "so there is nothing for FedLEx to guide")
+    inner = spec.factory(parse_options(spec, dict(options.model_extra or {})), cfg)
+    if not isinstance(inner, StamenStrategy):
+        raise StrategyConfigError(f"strategy.base={options.base!r} does not build a Stamen strategy")
+    inner.__class__ = fedlex_class(type(inner))
+    inner._init_fedlex(options, cfg.federation.round_timeout_s)
+    return inner
+
+
+register_strategy(StrategySpec(
+    "fedlex", build_fedlex, FedLExOptions,
+    "FedLEx (Internò et al. 2024): explorers' weight displacements → guidance matrix G; clients train with grad ⊙ G "
+    "over a base strategy (strategy.base)"))
