@@ -124,7 +124,7 @@ def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     delta = apply_client_privacy(delta, config, dp_gen, layout.numels, job.metrics)
     codec = _codec(cfg, config)
     state = _codec_state(context)
-    payload = codec.encode(delta, CodecContext(cfg.run.seed, server_round, layout, node=pid), state)
+    payload = codec.encode(delta, CodecContext(cfg.run.seed, int(config.get("codec-round", server_round)), layout, node=pid), state)
     payload = apply_payload_privacy(payload, config, dp_gen, job.metrics)
     _store_codec_state(context, state)
     metrics = {P.NUM_EXAMPLES: len(y), "train_loss": train_loss, "local_steps": steps, **job.metrics}

@@ -51,7 +51,7 @@ def local(
 
     from stamen.server.app import default_out_dir
 
-    console = Console()
+    console = Console(soft_wrap=True)  # one line per message, also in logs and pipes
     errors, fail = _errors(debug)
     try:
         cfg = _load(config, set_)

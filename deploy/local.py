@@ -160,6 +160,8 @@ class LocalFederation:
         finally:
             if self.proxy is not None:
                 self.proxy.close()
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- processes -----------------------------------------------------------------------
     def _home(self, name: str) -> dict[str, str]:
@@ -199,7 +201,6 @@ class LocalFederation:
 
     def start_supernode(self, i: int) -> str:
         name = f"supernode-{i}"
-        self.killed.discard(i)
         self.procs.start(name, self.supernode_argv(i), env=self._home(name), netns=self.placement.ns(i),
                          cwd=self.workdir)
         if self.isolation == "process":
@@ -232,10 +233,11 @@ class LocalFederation:
                 self.kill_supernode(i)
             log = self.procs.started[name].log
             offset = log.stat().st_size if log.exists() else 0
-            self.start_supernode(i)
+            self.start_supernode(i)  # stays in self.killed (runs tolerate its absence) until it is back
             while time.monotonic() < deadline:
                 text = log.read_bytes()[offset:].decode(errors="replace")
                 if "SuperNode ID:" in text:
+                    self.killed.discard(i)
                     return
                 if not self.procs.alive(name):
                     break

@@ -920,6 +920,7 @@ class RichSweepReporter(SweepReporter):
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
         self._bars: dict[str, Any] = {}
         self._overall = None
+        self._skipped = self._failed = 0
 
     def __enter__(self) -> "RichSweepReporter":
         self.progress.start()
@@ -929,9 +930,12 @@ class RichSweepReporter(SweepReporter):
         self.progress.stop()
 
     def study_started(self, study: Study, plans: list[Plan]) -> None:
-        skipped = sum(p.action == "skip" for p in plans)
+        self._skipped = sum(p.action == "skip" for p in plans)
         self._overall = self.progress.add_task(f"[bold]{study.name}[/] points", total=len(plans),
-                                               completed=skipped, info=f"{skipped} already finished")
+                                               completed=self._skipped, info=self._info())
+
+    def _info(self) -> str:
+        return f"{self._skipped} finished before" + (f", [red]{self._failed} failed[/]" if self._failed else "")
 
     def point_started(self, plan: Plan) -> None:
         note = f" (resumed {plan.reason})" if plan.action == "resume" else ""
@@ -950,7 +954,7 @@ class RichSweepReporter(SweepReporter):
             self.progress.remove_task(bar)
         self.progress.console.print(text)
         if self._overall is not None:
-            self.progress.advance(self._overall)
+            self.progress.update(self._overall, advance=1, info=self._info())
 
     def point_finished(self, plan: Plan, summary: dict[str, Any]) -> None:
         acc = summary.get("final_test_accuracy")
@@ -958,4 +962,5 @@ class RichSweepReporter(SweepReporter):
         self._end(plan, f"[green]done[/] {plan.point.id}  final accuracy {acc_text}")
 
     def point_failed(self, plan: Plan, error: str) -> None:
+        self._failed += 1
         self._end(plan, f"[red]failed[/] {plan.point.id}: {error}")

@@ -127,6 +127,16 @@ class StamenStrategy:
 
     def check_reply(self, msg: Message, server_round: int):
         """Return (partition id, decoded Δ, metrics) of a reply, or raise naming the defect."""
+        pid, payload, clean = self.check_envelope(msg)
+        ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout, node=pid)
+        delta = self.codec.decode(payload, ctx)
+        if delta.shape != (self.layout.d,) or not bool(delta.isfinite().all()):
+            raise PayloadError("decoded update is not a finite vector of the model's size")
+        return pid, delta, clean
+
+    def check_envelope(self, msg: Message):
+        """Return (partition id, payload arrays, metrics) of a reply whose records, codec name,
+        partition id and metrics are sound (the payload itself is the codec's to check)."""
         if msg.has_error():
             raise ValueError(f"client error: {msg.error.reason}")
         content = msg.content
@@ -147,11 +157,7 @@ class StamenStrategy:
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"reply metric {k!r} is not a finite number: {v!r}")
             clean[k] = v
-        ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout, node=pid)
-        delta = self.codec.decode(P.from_array_record(content.array_records[P.UPDATE]), ctx)
-        if delta.shape != (self.layout.d,) or not bool(delta.isfinite().all()):
-            raise PayloadError("decoded update is not a finite vector of the model's size")
-        return pid, delta, clean
+        return pid, P.from_array_record(content.array_records[P.UPDATE]), clean
 
     def round_metrics(self, server_round: int) -> dict[str, Any]:
         """Extra entries for this round's line in metrics.jsonl (hook for plugins, e.g. ε)."""

@@ -177,6 +177,7 @@ class PrivacyRuntime:
         self.cohort = 0
         self.unclipped = 0  # replies whose update fit inside C
         self.reported = 0  # replies that carried the bit
+        self.decoded_round = 0  # the last round whose replies went through decode_replies
 
     def denominator(self) -> float:
         """The fixed denominator D of this round's mean: q·N (Poisson) or the sampled cohort size."""
@@ -352,6 +353,7 @@ class DPFedAvgMixin(PrivateStrategyBase):
 
     def decode_replies(self, server_round: int, replies):
         self._dp.unclipped = self._dp.reported = 0
+        self._dp.decoded_round = server_round
         accepted = super().decode_replies(server_round, replies)
         self._dp.last_noise_std = 0.0
         if self._dp.plan.site != "central":
@@ -363,8 +365,15 @@ class DPFedAvgMixin(PrivateStrategyBase):
         return [self._rescale_and_noise(msg, scale, noise) for msg in accepted]
 
     def aggregate_train(self, server_round: int, replies):
+        replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None and self._dp.plan.site == "central" and self._dp.last_noise_std > 0:
+        plan = self._dp.plan
+        if plan.site == "central" and plan.noise_multiplier > 0 and self._dp.decoded_round != server_round:
+            raise RuntimeError(
+                f"{type(self).__name__[2:]} aggregated round {server_round} without StamenStrategy.decode_replies, so "
+                f"the server could not clip and noise the updates (no DP guarantee); use privacy.site='local', or "
+                f"strategy 'sketched_dp' for sketched updates")
+        if arrays is None and plan.site == "central" and self._dp.last_noise_std > 0:
             # An empty (Poisson) cohort still releases ΣΔ/D + noise = noise; skipping it would reveal
             # that nobody took part. A server optimizer is bypassed in this rare case.
             log.warning("round %d: empty cohort; releasing the noise-only update", server_round)

@@ -32,10 +32,10 @@ import numpy as np
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
-from stamen.server.evaluation import default_threat_model
+from stamen import protocol as P
+from stamen.server.evaluation import DEFAULT_THREATS, default_threat_model
 from stamen.strategies.base import StamenStrategy
 from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, register_strategy
-from stamen import protocol as P
 
 
 class FatOptions(Options):
@@ -96,8 +96,6 @@ class FatStrategy(StamenStrategy, FedAvg):
 
 def build_fat(options: FatOptions, cfg) -> FatStrategy:
     input_range = None
-    from stamen.server.evaluation import DEFAULT_THREATS
-
     if cfg.task.dataset not in DEFAULT_THREATS:  # only then is the data needed (for its input range)
         from stamen.tasks.task import load_task
 

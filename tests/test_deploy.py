@@ -88,6 +88,18 @@ def test_run_config_carries_the_whole_config_to_every_process():
         spec.run_config(cfg)
 
 
+def test_flwr_connection_config_is_what_flower_parses(tmp_path):
+    from flwr.cli.flower_config import parse_superlink_connection
+
+    for text in (spec.flwr_config("10.0.0.5:8000", ca=tmp_path / "ca.crt"),
+                 (DEPLOY / "flwr-config.toml").read_text()):
+        data = tomllib.loads(text)["superlink"]
+        conn = parse_superlink_connection(data[data["default"]], data["default"])
+        assert conn.address.endswith(f":{spec.CONTROL_PORT}") and conn.root_certificates and not conn.insecure
+    data = tomllib.loads(spec.flwr_config("127.0.0.1:8000", ca=None))["superlink"]
+    assert parse_superlink_connection(data[spec.CONNECTION], spec.CONNECTION).insecure
+
+
 def test_generated_app_matches_the_repository_app():
     repo = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     gen = tomllib.loads(spec.app_pyproject())
@@ -400,36 +412,48 @@ def test_clients_without_the_ca_cannot_connect(federation, tmp_path):
 
 @pytest.mark.slow
 def test_killed_supernode_run_finishes_and_the_node_rejoins(federation, tmp_path):
-    """Kill SuperNode 1 while it trains in round 2: round 2 ends with 2 replies (node unavailable
-    or round timeout, never later), the restarted node (same key, same node id) is back in round 3."""
+    """Kill SuperNode 1 while it trains in round 2: round 2 closes with 2 replies (the SuperLink
+    answers "Node Unavailable" once 2 heartbeats are missed, or the round times out — never later),
+    and the node, restarted with the same key (so the same node id), is sampled again: every round
+    that starts after it is back has all 3 replies."""
     fed = federation
     timeout_s = 120
-    cfg = _cfg("run.rounds=3", f"federation.round_timeout_s={timeout_s}", "run.name='deploy-fault'")
+    cfg = _cfg("run.rounds=4", f"federation.round_timeout_s={timeout_s}", "run.name='deploy-fault'")
     received = fed.log_count("supernode-1", "Receiving: train message")
     handle = fed.submit(cfg, tmp_path / "fault")
     fed.wait_log_count("supernode-1", "Receiving: train message", received + 2, timeout=900)
     fed.kill_supernode(1)  # mid-round 2: its ClientApp is training
+    rejoined_at: list[float] = []
     rejoin_error: list[BaseException] = []
 
     def rejoin():
         try:
-            fed.rejoin_supernode(1, timeout=300)
+            fed.rejoin_supernode(1, timeout=400)
+            rejoined_at.append(time.time())
         except BaseException as err:  # reported below
             rejoin_error.append(err)
 
     t = threading.Thread(target=rejoin)
     t.start()
     res = handle.wait(timeout=1500)
-    t.join(timeout=300)
+    t.join(timeout=400)
     assert not rejoin_error, rejoin_error
     assert res.ok, res.log[-3000:]
-    r1, r2, r3 = res.rows
-    assert r1["clients"] == NODES
+    rows, starts = res.rows, [w[0] for w in res.round_windows()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["clients"] == NODES
+    r2 = rows[1]
     assert r2["clients"] == NODES - 1 and r2["missing"] + r2["rejected"] == 1, r2
-    assert r2["wall_s"] < timeout_s + 60  # the dead node cannot hold a round past the round timeout
-    assert r3["clients"] == NODES, r3  # rejoined under the same node id
-    assert not r2["failed"] and not r3["failed"]
-    _report("fault", [{k: r.get(k) for k in ("round", "clients", "missing", "rejected", "wall_s")} for r in res.rows])
+    assert r2["wall_s"] < timeout_s + 60  # a dead node cannot hold a round past the round timeout
+    assert not any(r["failed"] for r in rows)
+    back = [i for i, t0 in enumerate(starts) if t0 > rejoined_at[0]]
+    assert back, f"the node rejoined only after the last round started ({rejoined_at[0]} vs {starts})"
+    for i, r in enumerate(rows[2:], start=2):  # rounds after the kill: 2 replies until the node is back
+        assert r["clients"] == NODES if i in back else r["clients"] in (NODES - 1, NODES), (i, r)
+    _report("fault", {"rejoined_at_s_after_start": rejoined_at[0] - res.started_at,
+                      "rounds": [{k: r.get(k) for k in ("round", "clients", "missing", "rejected", "wall_s")}
+                                 for r in rows],
+                      "round_starts_s_after_start": [t0 - res.started_at for t0 in starts]})
 
 
 # -- several hosts: network namespaces ---------------------------------------------------------

@@ -1,6 +1,7 @@
 """FedLEx: guidance math, guided and exploring trainers, the strategy on an in-process grid."""
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -271,8 +272,6 @@ def test_lost_reply_means_guidance_is_sent_again(tmp_path):
 
 
 def test_resume_keeps_the_guidance(tmp_path):
-    import pickle
-
     opts = [*FEDLEX, "federation.fraction_train=0.5"]
     _, full, _ = run(tmp_path, "full", *opts, "run.rounds=4")
     cfg, _, _ = run(tmp_path, "part", *opts, "run.rounds=2")
@@ -351,7 +350,7 @@ def test_exploration_with_a_held_apart_slice():
     tr, va = TG.holdout_split(len(y), 0.3, 0, 2)
     assert len(va) == round(0.3 * len(y)) and sorted(np.concatenate([tr, va]).tolist()) == list(range(len(y)))
     assert np.array_equal(TG.holdout_split(len(y), 0.3, 0, 2)[1], va)  # seeded, reproducible
-    s = TrainSettings(epochs=1, batch_size=8, lr=0.5)
+    s = TrainSettings(epochs=1, batch_size=8, lr=1.0)  # large enough that the held-apart loss turns up
     opts = {FL.EXPLORATION_EPOCHS: 8, FL.EXPLORATION_PATIENCE: 2, FL.EXPLORATION_HOLDOUT: 0.3}
     model, job = task.new_model(), _job(task, opts, pid=2)
     TG.train_explore(model, X, y, s, torch.Generator().manual_seed(4), job)
@@ -368,5 +367,18 @@ def test_exploration_with_a_held_apart_slice():
             stale += 1
             if stale >= 2:
                 break
-    assert job.metrics["exploration_epochs_run"] == epochs
+    assert job.metrics["exploration_epochs_run"] == epochs < 8  # it did stop early ...
+    assert job.metrics["exploration_best_epoch"] < epochs  # ... and went back to its best epoch
     assert all(np.array_equal(get_weights(model)[k], best_w[k]) for k in best_w)
+
+
+def test_exploration_is_dense_whatever_the_run_codec(tmp_path):
+    cfg = cfg_of(*FEDLEX, "run.rounds=2", "compression.codec=topk", "compression.ratio=0.05")
+    grid = LocalGrid(cfg)
+    _, rows, _ = run(tmp_path, "topk", cfg=cfg, grid=grid)
+    assert rows[0]["exploration"]["rejected"] == 0 and [r["clients"] for r in rows] == [6, 6]
+    # a top-5% payload would leave ≥ 95% of each displacement zero; dense leaves almost none
+    strategy_state = pickle.loads((tmp_path / "topk" / "checkpoint.pkl").read_bytes())["strategy"]
+    for d in strategy_state["displacements"].values():
+        flat = np.concatenate([v.ravel() for v in d.values()])
+        assert (flat > 0).mean() > 0.5
