@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 
 from stamen import protocol as P
 from stamen.client.faults import before_training, byzantine_partitions, corrupt_update, flip_labels
-from stamen.client.trainers import TrainJob, TrainSettings, _load_trainer_plugins, get_trainer
+from stamen.client.trainers import TrainJob, TrainSettings, get_trainer, load_client_plugins
 from stamen.config import StamenConfig, from_flat
 from stamen.sketching.codec import Codec, CodecContext, derive_seed, make_codec
 from stamen.tasks.task import Task, evaluate, get_weights, load_task, set_weights
@@ -93,6 +93,7 @@ def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     job = TrainJob(options=config, state=context.state, task=w.task, partition_id=pid,
                    server_round=server_round, seed=cfg.run.seed)
+    load_client_plugins()  # trainer modules also register downlinks and queries
     downlink = config.get("downlink", "dense")
     if downlink not in DOWNLINKS:
         raise ValueError(f"unknown downlink {downlink!r}; known: {sorted(DOWNLINKS)}")
@@ -143,8 +144,7 @@ def handle_evaluate(cfg: StamenConfig, msg: Message, context: Context) -> Messag
 def handle_query(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     kind = msg.content.config_records[P.CONFIG].get("query", "") if P.CONFIG in msg.content.config_records else ""
     if kind:
-        if kind not in QUERIES:
-            _load_trainer_plugins()  # trainers_* modules may register query handlers
+        load_client_plugins()  # trainers_* modules may register query handlers
         if kind not in QUERIES:
             raise ValueError(f"unknown query {kind!r}; known: {sorted(QUERIES)}")
         return Message(content=QUERIES[kind](cfg, msg, context), reply_to=msg)

@@ -109,14 +109,14 @@ def register_trainer(name: str):
 
 
 def get_trainer(name: str) -> Trainer:
-    _load_trainer_plugins()
+    load_client_plugins()
     if name not in TRAINERS:
         raise ValueError(f"unknown trainer {name!r} requested by the strategy; known: {sorted(TRAINERS)}")
     return TRAINERS[name]
 
 
-def _load_trainer_plugins() -> None:
-    """Import client modules named ``trainers_*.py`` (they register trainers)."""
+def load_client_plugins() -> None:
+    """Import client modules named ``trainers_*.py`` (they register trainers, downlinks, queries)."""
     import importlib
     import pkgutil
 

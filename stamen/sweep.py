@@ -19,14 +19,20 @@ A study file (TOML)::
     [[points]]                              # optional: an explicit list of points
     "strategy.name" = "fedavg"
     [[points]]
-    strategy = { name = "fedprox", proximal_mu = 0.1 }   # a whole section, replaced
+    strategy = { name = "fedprox", proximal_mu = 0.1 }   # the same as two strategy.* keys
 
 The runs are ``points × grid × seeds`` (a missing axis counts as one empty point), each
-``base + fixed + point + grid values + run.seed``. Keys are ``section.key`` (set one key) or
-``section`` with a table (replace the section, e.g. to switch to a codec that does not take
-the base's ``compression.*`` options). Everything is validated before anything runs: the
-study's own keys, every axis key and value against the config schema, then every point's
-full config against its strategy, codec and task. Errors name the axis or key.
+``base + fixed + point + grid values + run.seed``. Keys are ``section.key``; quoted
+(``"task.alpha" = 1``), bare dotted (``task.alpha = 1``) and inline tables
+(``task = { alpha = 1 }``) all mean the same. A grid axis may also be a list of section
+tables, each value setting several keys at once (``compression = [{ codec = "int8" },
+{ codec = "topk", ratio = 0.01 }]``). **Plugin options follow their plugin**: a value that
+switches ``strategy.name`` or ``compression.codec`` to another plugin drops the options the
+base gave the previous one (a FedProx base's ``proximal_mu`` does not reach a FedAvg point,
+an SRHT base's ``ratio`` does not reach an int8 point). Everything is validated before
+anything runs: the study's own keys, every axis key and value against the config schema,
+then every point's full config against its strategy, codec and task (each seed's data
+split). Errors name the axis or key.
 
 Each point runs in ``DIR/runs/<point-id>``; the id is a readable slug of the point's varied
 values plus a hash of its overrides (``alpha=0.1_ratio=0.05_seed=0-1a2b3c4d``), so it is
@@ -44,9 +50,14 @@ a point's directory is an error (nothing is overwritten): use another ``--out``.
 **Engines.** ``simulation`` (default) runs each point with :func:`stamen.experiment.simulate`
 (Flower's simulation engine on Ray) in its own subprocess; ``inprocess`` runs the real server
 loop and client handlers in one process (:class:`stamen.server.inprocess_grid.InProcessGrid`),
-with no Ray start-up: fast, and exact (same seed, same metrics). With ``--jobs N`` points run
-in N worker processes (``spawn``, one fresh process per point), each with one torch thread
-and — for the simulation engine — a private local Ray instance of ``max(1, cores // N)`` CPUs.
+with no Ray start-up: fast, and exact (same seed, same metrics as the simulation engine).
+With the inprocess engine and one job, points run in the calling process. With ``--jobs N``
+points run in N worker processes (``spawn``, one fresh process per point, so no Ray or torch
+state leaks between points), each with one torch thread and — for the simulation engine — a
+private local Ray instance of ``max(1, cores // N)`` CPUs (``federation.client_cpus`` must fit
+in that share; ``federation.ray_address`` points use that cluster instead). A point that fails
+does not stop the others: its error goes to ``runs/<id>/error.txt`` and study.json, and the
+next rerun retries it.
 
 Outputs: ``DIR/results.csv`` (one row per finished run; rewritten atomically after every
 point), ``DIR/study.json`` (the study, its points and their status).

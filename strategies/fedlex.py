@@ -3,7 +3,12 @@
 Internò, Olhofer, Jin, Hammer, "Federated Loss Exploration for Improved Convergence on
 Non-IID Data" (IJCNN 2024). FedLEx is a plug-in in front of a base aggregation rule
 (``strategy.base``: fedavg, fedavgm, fedadam, fedprox, ... any registered strategy whose
-clients send updates). What it adds, server side and client side:
+clients send updates). :func:`build_fedlex` builds the base through the registry exactly as
+``strategy.name = <base>`` would (the base's own ``strategy.*`` options and validation), then
+re-classes that object to ``FedLEx<Base>`` = (:class:`FedLExMixin`, the base's class): FedLEx's
+four round methods wrap the base's through ``super()``, and the base's state (momentum, Adam
+moments) is checkpointed with FedLEx's. A base that gives its clients a trainer of its own is
+refused (FedLEx replaces the local trainer). What FedLEx adds, server side and client side:
 
 **Exploration** (once, inside round 1's ``configure_train``, before that round's sampling).
 A seeded fraction ``explorer_fraction`` of the partitions get a train message with
@@ -30,8 +35,9 @@ to [0, 1]. ``normalization``:
 
 A tensor whose displacement is constant (max = min) carries no preference among its
 coordinates and gets G = 1 there (the reference divides by zero). Min-max normalized squared
-displacements are heavy-tailed, so mean(G) is small (0.03–0.1 in our runs): under SGD, G also
-shrinks the average step that much. ``rescale = "unit_mean"`` (an ablation, not in the paper;
+displacements are heavy-tailed, so mean(G) is small (0.01–0.02 after SGD exploration, 0.07–0.11
+after Adam exploration in ``benchmarks/fedlex_study.py``): under SGD, G also shrinks the average
+step that much. ``rescale = "unit_mean"`` (an ablation, not in the paper;
 default ``none``) divides each tensor of G by its mean, keeping the per-coordinate pattern and
 the zeros but the base's average step size.
 ``guidance``: ``global`` (one G from all explorers, built once) or ``per_round`` (the

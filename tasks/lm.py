@@ -7,6 +7,12 @@ apart for central pretraining, and a slice of every group's files is held out as
 test set. Text is tokenized as raw bytes (``ByteTokenizer``), and ``GPT`` is a small
 pre-LN causal transformer (≈1.1 M parameters by default) that trains on CPU.
 
+As a federated task (``task.dataset = "stdlib"``, ``task.model = "gpt"``; ``load_stdlib_task``,
+``build_gpt``) a client's examples are fixed, non-overlapping windows of its token stream and
+the model returns logits shaped (batch, vocab, positions), so Stamen's trainers and evaluation
+work unchanged and the test loss is the per-token cross-entropy (perplexity = exp(test_loss)).
+The model starts from a centrally pretrained GPT, cached on disk (``pretrained_state``).
+
 For users with network access, ``load_hf_text_dataset`` / ``hf_causal_lm`` reach the
 Hugging Face hub (``datasets`` is a dependency; ``transformers`` is optional and
 imported lazily).

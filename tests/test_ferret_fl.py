@@ -409,3 +409,20 @@ def test_fedkseed_global_update_lies_in_the_span_of_the_seeded_directions(tmp_pa
     # clients rebuild the FedKSeed global model from the scalars, too
     for flat, _, _ in _catch_up_everyone(s, grid, rd.load_checkpoint()["arrays"], 3).values():
         assert torch.equal(flat, layout.flatten(rd.load_checkpoint()["arrays"]))
+
+
+# -- one real simulation ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ferret_in_a_ray_simulation_matches_the_in_process_run(tmp_path):
+    """Nodes keep their copy of the global model in Flower's per-node state across rounds."""
+    from stamen.experiment import simulate
+
+    cfg = load(overrides=BASE + ["run.rounds=3"])
+    simulate(cfg, tmp_path / "ray")
+    rows = RunDirectory(tmp_path / "ray").read_metrics()
+    assert all(r["rejected"] == 0 and r["clients"] == 3 for r in rows)
+    assert sum(r["ferret_catchup_nodes"] for r in rows) > 0
+    _, local, _, _ = run(tmp_path, "local", "run.rounds=3")
+    assert strip(rows) == strip(local.read_metrics())
