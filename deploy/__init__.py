@@ -1,0 +1,8 @@
+"""Deployment over gRPC on Flower 1.39: one SuperLink, N SuperNodes, TLS and node authentication.
+
+``spec`` (ports, images, command lines: the one source of truth), ``certs`` (CA, server
+certificate, node keys), ``local`` (a real federation on this machine; ``stamen deploy local``),
+``procs`` (start/stop processes, grandchildren included), ``proxy`` (bytes on the wire),
+``netns`` (SuperLink and SuperNodes in separate network namespaces), ``cli`` (``stamen deploy``).
+The Docker, Kubernetes and Ray files live next to them; DEPLOY.md is the guide.
+"""

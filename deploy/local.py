@@ -13,7 +13,6 @@ their own network namespace (:mod:`stamen.deploy.netns`), i.e. on separate "host
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -78,6 +77,8 @@ class RunResult:
     row_written_at: list[float]
     flower_traffic: dict[str, Any] | None
     log: str
+    #: Flower's record of the run (``flwr ls --run-id``): status, timestamps, traffic, compute time
+    flower_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -449,12 +450,9 @@ class RunHandle:
                                     f"{_tail(self.log)}")
             time.sleep(poll)
         self.poll_rows(on_round)
-        status, traffic = "unknown", None
-        if self.run_id:
-            info = fed.run_status(self.run_id)
-            status, traffic = info.get("status", "unknown"), info.get("network-traffic")
-        return RunResult(self.run_id, status, self.out_dir, self.started_at, time.time(), self.rows,
-                         self.row_written_at, traffic, self.log)
+        info: dict[str, Any] = fed.run_status(self.run_id) if self.run_id else {}
+        return RunResult(self.run_id, info.get("status", "unknown"), self.out_dir, self.started_at, time.time(),
+                         self.rows, self.row_written_at, info.get("network-traffic"), self.log, info)
 
     def stop(self) -> None:
         """Stop the run on the SuperLink (``flwr stop``) and the streaming CLI."""
@@ -520,7 +518,8 @@ def deploy_local(cfg, nodes: int, out_dir: str | Path, *, tls: bool = True, time
             (out_dir / "deployment.json").write_text(json.dumps(
                 {"run_id": result.run_id, "status": result.status, "nodes": nodes, "tls": tls,
                  "node_auth": tls, "flower_network_traffic": result.flower_traffic,
-                 "wall_s": result.finished_at - result.started_at}, indent=2) + "\n")
+                 "wall_s": result.finished_at - result.started_at, "flower_run": result.flower_info},
+                indent=2) + "\n")
         return result
     finally:
         if previous is not None:

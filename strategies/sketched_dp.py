@@ -40,7 +40,6 @@ linear mean-over-rows estimate), ``topk`` (CountSketch heavy hitters, FetchSGD-s
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 import numpy as np
@@ -153,29 +152,10 @@ class SketchedDPStrategy(PrivateStrategyBase, StamenStrategy, FedAvg):
     # -- replies -------------------------------------------------------------------------
     def check_payload_reply(self, msg, server_round: int) -> tuple[int, torch.Tensor, dict[str, Any]]:
         """(partition id, payload as one fp32 vector — re-clipped under site 'sketch' —, metrics) or raise."""
-        if msg.has_error():
-            raise ValueError(f"client error: {msg.error.reason}")
-        content = msg.content
-        for key, kind in ((P.UPDATE, "array_records"), (P.METRICS, "metric_records"), (P.META, "config_records")):
-            if key not in getattr(content, kind):
-                raise ValueError(f"reply lacks the {key!r} record")
-        meta, metrics = content.config_records[P.META], content.metric_records[P.METRICS]
-        if meta.get(P.CODEC) != self.codec.name:
-            raise PayloadError(f"reply encoded with codec {meta.get(P.CODEC)!r}, expected {self.codec.name!r}")
-        pid = meta.get(P.PARTITION_ID)
-        if not isinstance(pid, int) or pid not in self.nodes:
-            raise ValueError(f"reply names unknown partition-id {pid!r}")
-        n = metrics.get(P.NUM_EXAMPLES)
-        if not isinstance(n, (int, float)) or not (n > 0 and math.isfinite(n)):
-            raise ValueError(f"reply has invalid {P.NUM_EXAMPLES} {n!r}")
-        clean = {}
-        for k, v in metrics.items():
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"reply metric {k!r} is not a finite number: {v!r}")
-            clean[k] = v
+        pid, payload, clean = self.check_envelope(msg)
         if self._dp.plan.enabled:
             self.check_privacy_bit(clean)
-        vector = self._payload_vector(P.from_array_record(content.array_records[P.UPDATE]), server_round)
+        vector = self._payload_vector(payload, server_round)
         if self._dp.plan.enabled and self._dp.plan.site == "sketch" and self._dp.clip is not None:
             vector = l2_clip(vector, self._dp.clip)  # server-side enforcement of the sensitivity C
         return pid, vector, clean

@@ -28,7 +28,7 @@ import yaml
 
 from stamen import config as C
 from stamen.deploy import spec
-from stamen.deploy.certs import CertPaths, make_certificates, make_node_keypair
+from stamen.deploy.certs import make_certificates, make_node_keypair
 from stamen.deploy.procs import TAG_VAR, ProcessGroup, tagged_pids
 from stamen.deploy.proxy import ByteCountingProxy, bursts, split_traffic
 

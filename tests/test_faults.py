@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from _localgrid import LocalGrid
 from hypothesis import given, settings
