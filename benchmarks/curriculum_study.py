@@ -97,7 +97,8 @@ def study(out: Path, rounds: int, seeds: list[int], splits: list[str]) -> dict:
                     s = run_one(out / "runs" / name, overrides)
                     print(f"{name}: final {s['final_test_accuracy']:.3f} last3 {s['last3_test_accuracy']:.3f} "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-                    results["runs"].append({"split": split, "alpha": None if split == "iid" else SPLIT_ALPHA[split], "ordering": ordering,
+                    alpha = None if split == "iid" else SPLIT_ALPHA[split]
+                    results["runs"].append({"split": split, "alpha": alpha, "ordering": ordering,
                                             "client_selection": clients, "seed": seed, "overrides": overrides,
                                             "final": s["final_test_accuracy"], "last3": s["last3_test_accuracy"],
                                             "scoring_evaluations": s["scoring_evaluations"], "wall_s": s["wall_s"]})

@@ -72,7 +72,8 @@ def study(out: Path, rounds: int, seeds: list[int], tasks: list[str]) -> dict:
                     f"run.name={name}", f"run.seed={seed}", f"run.rounds={rounds}", f"eval.robust_every={rounds}"]
                 t0 = time.perf_counter()
                 summary = run_one(out / "runs" / name, overrides)
-                print(f"{name}: clean {summary['final_test_accuracy']:.3f} robust {summary['final_robust_accuracy']:.3f} "
+                print(f"{name}: clean {summary['final_test_accuracy']:.3f} "
+                      f"robust {summary['final_robust_accuracy']:.3f} "
                       f"fgsm {summary['final_fgsm_accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
                 results["runs"].append({
                     "task": task, "strategy": strategy, "seed": seed, "overrides": overrides,

@@ -44,7 +44,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from stamen import protocol as P
-from stamen.client.curriculum import (
+from stamen.tasks.curriculum import (
     ORDERINGS,
     PACING,
     SCORE_KINDS,
@@ -166,7 +166,8 @@ def local_model(job: TrainJob, device: str) -> nn.Module | None:
     return model.to(device)
 
 
-def example_scores(model: nn.Module, X, y, c: CurriculumSettings, job: TrainJob, settings: TrainSettings) -> torch.Tensor:
+def example_scores(model: nn.Module, X, y, c: CurriculumSettings, job: TrainJob,
+                   settings: TrainSettings) -> torch.Tensor:
     """Difficulty of each of the node's examples under the configured scorer (``model`` = G)."""
     local = local_model(job, settings.device) if c.scorer in ("L", "LG") else None
     expert = expert_model(job.task, settings, c.expert_epochs) if c.scorer == "E" else None

@@ -6,7 +6,7 @@ clients are scored by the mean difficulty of their data, ordered (``client_order
 pacing function over the count of client updates so far (``client_pacing``, a = ``client_a``,
 b = ``client_b``) decides how many of the ordered clients are eligible; each round takes the
 next ``clients_per_round`` = ⌊fraction_train·N⌋ from a shuffled pass over that pool
-(:class:`stamen.client.curriculum.ClientCurriculum`). Client scores come from
+(:class:`stamen.tasks.curriculum.ClientCurriculum`). Client scores come from
 
 - ``client_scoring = "full"``: a *scoring round* — every client evaluates the global model on its
   data (a ``query`` message, ``curriculum-score``) — in round 1 and then every ``rescore_every``
@@ -29,8 +29,8 @@ To use the data curriculum under another strategy, set ``task.curriculum`` (and
 ``task.curriculum_pacing`` / ``_a`` / ``_b`` / ``_scorer``) instead: the ClientApp then uses the
 curriculum trainer whenever the strategy asks for no trainer of its own.
 
-Note: client selection reuses :class:`ClientCurriculum` from ``client/curriculum.py`` (pure
-tensor code, no Flower, no app), the one import from ``client/`` in ``strategies/``.
+Client selection reuses :class:`ClientCurriculum` from ``tasks/curriculum.py`` (pure code both
+sides share: pacing functions, orderings, scorers).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
 from stamen import protocol as P
-from stamen.client.curriculum import ClientCurriculum
+from stamen.tasks.curriculum import ClientCurriculum
 from stamen.sketching.codec import derive_seed
 from stamen.strategies.base import StamenStrategy, sample_count
 from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, register_strategy
@@ -64,7 +64,8 @@ class CurriculumOptions(Options):
     ordering: Ordering = Field("curriculum", description="example order: curriculum (easy first), anti, random, "
                                "vanilla (all data, plain SGD)")
     pacing: Pacing = Field("linear", description="data pacing g(t): linear, quad, root, exp, log, step")
-    a: float = Field(0.8, gt=0.0, le=1.0, description="data pacing a: fraction of local steps after which all data is in")
+    a: float = Field(0.8, gt=0.0, le=1.0,
+                     description="data pacing a: fraction of local steps after which all data is in")
     b: float = Field(0.2, gt=0.0, le=1.0, description="data pacing b: starting fraction of the data")
     scorer: Literal["G", "L", "LG", "E"] = Field("G", description="scoring model: G global, L local (last "
                                                   "participation), LG both, E central expert (oracle)")

@@ -39,14 +39,17 @@ from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, 
 
 
 class FatOptions(Options):
-    eps: float | None = Field(None, ge=0.0, description="attack radius ε in input units; unset: the task's "
-                              "default threat model (digits ℓ∞ 0.2, MNIST ℓ∞ 0.3, CIFAR-10 ℓ∞ 8/255, synthetic ℓ∞ 0.3)")
-    norm: Literal["linf", "l2"] | None = Field(None, description="ball of the attack: linf or l2; unset: the task's default")
+    eps: float | None = Field(None, ge=0.0, description="attack radius ε in input units; unset: the task's default "
+                              "threat model (digits ℓ∞ 0.2, MNIST ℓ∞ 0.3, CIFAR-10 ℓ∞ 8/255, synthetic ℓ∞ 0.3)")
+    norm: Literal["linf", "l2"] | None = Field(None, description="ball of the attack: linf or l2; "
+                                               "unset: the task's default")
     steps: int = Field(10, ge=1, description="PGD steps per local batch (the inner maximization)")
     step_size: float | None = Field(None, ge=0.0, description="PGD step length; unset: 2.5·ε/steps (Madry's rule)")
     random_start: bool = Field(True, description="start PGD from a uniform point of the ε-ball")
-    mix: float = Field(1.0, ge=0.0, le=1.0, description="weight of the adversarial loss: (1−mix)·CE(clean) + mix·CE(adv)")
-    server_lr: float = Field(1.0, gt=0.0, description="global learning rate η_g: w ← w + η_g·(mean − w); 1 is FedAvg")
+    mix: float = Field(1.0, ge=0.0, le=1.0,
+                       description="weight of the adversarial loss: (1−mix)·CE(clean) + mix·CE(adv)")
+    server_lr: float = Field(1.0, gt=0.0,
+                             description="global learning rate η_g: w ← w + η_g·(mean − w); 1 is FedAvg")
 
 
 class FatStrategy(StamenStrategy, FedAvg):

@@ -229,7 +229,8 @@ def test_first_rounds_pick_the_easiest_clients(tmp_path):
     task = load_task(cfg.task, 8, 0)
     model = task.new_model()
     with torch.no_grad():
-        mean_loss = [float(F.cross_entropy(model(torch.as_tensor(X)), torch.as_tensor(y))) for X, y in task.data.clients]
+        mean_loss = [float(F.cross_entropy(model(torch.as_tensor(X)), torch.as_tensor(y)))
+                     for X, y in task.data.clients]
     grid, rows, _, _ = run(tmp_path, "a", "federation.clients=8", "federation.fraction_train=0.25", "run.rounds=2",
                            "strategy.name=curriculum", "strategy.client_b=0.4", grid_cls=RecordingGrid)
     pool = C.pacing_linear(0, 2 * 2, 8, 0.2, 0.4, min_count=2)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from stamen.client.curriculum import (
+from stamen.tasks.curriculum import (
     MIN_EXAMPLES,
     PACING,
     ClientCurriculum,
