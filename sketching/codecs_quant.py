@@ -191,7 +191,7 @@ def largest_magnitude(x: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return torch.zeros(0, dtype=torch.int64)
     magnitude = x.abs()
-    stride = d // max(1 << 14, 256 * d // k)  # a sample holding ~256 of the top k's share
+    stride = d // max(1 << 12, 64 * d // k)  # a sample with ~64 members of the top k
     if stride >= 8:
         sample = magnitude[::stride]
         for oversample in (2, 8, 32):

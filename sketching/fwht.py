@@ -11,7 +11,7 @@ stage multiplies one group of k index bits by a small dense ``B × B`` Hadamard 
 batched matmul), so the whole transform is ``ceil(log2(n) / k)`` passes, O(n log n)
 arithmetic, and the only dense matrix ever built is the 16 × 16 block. Each stage works
 in place on slices of at most ``chunk`` elements, so extra memory is bounded by the chunk
-(4 MiB at the default), not by n.
+(4 MiB at the default, at most 1/8 of the input for small inputs), not by n.
 
 Works on any device (the block is moved to the input's device) and on batches: every
 leading dimension is a batch dimension.
@@ -66,6 +66,7 @@ def fwht_(x: torch.Tensor, *, radix_bits: int = DEFAULT_RADIX_BITS, chunk: int =
     if n == 1 or x.numel() == 0:
         return x
     total_bits = n.bit_length() - 1
+    chunk = min(chunk, max(1 << 12, x.numel() // 8))  # small inputs: temporaries <= 1/8 of x
     inner = 1  # size of the index bits already transformed (the trailing "c" axis)
     done = 0
     while done < total_bits:

@@ -347,6 +347,7 @@ class _TiledDenseSketch(SketchOperator):
             start = index * self.tile_cols
             tile = self.tile(index).to(x.device)
             y.addmv_(tile.T, x[start : start + tile.shape[0]])
+            del tile  # one tile alive at a time
         return y.mul_(1.0 / math.sqrt(self.s))
 
     def _adjoint(self, y: torch.Tensor) -> torch.Tensor:
@@ -355,6 +356,7 @@ class _TiledDenseSketch(SketchOperator):
             start = index * self.tile_cols
             tile = self.tile(index).to(y.device)
             torch.mv(tile, y, out=out[start : start + tile.shape[0]])
+            del tile
         return out.mul_(1.0 / math.sqrt(self.s))
 
     def fingerprint(self) -> str:
