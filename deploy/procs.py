@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -90,6 +91,9 @@ class ProcessGroup:
         if name in self.started and self.started[name].popen.poll() is None:
             raise RuntimeError(f"process {name!r} is already running")
         full_env = {**os.environ, **self.env, **(env or {}), TAG_VAR: self.tag, NAME_VAR: name}
+        # the Flower / Ray / stamen commands of this Python environment first, also for the processes
+        # they spawn by name (flower-superlink starts `flower-superexec`), even if it is not activated
+        full_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), full_env.get("PATH", "")])
         cmd = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
         log = self.logdir / f"{name}.log"
         with open(log, "ab") as out:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import tomli_w
 
@@ -224,15 +224,3 @@ def write_app_dir(dest: str | os.PathLike) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "pyproject.toml").write_text(app_pyproject())
     return dest
-
-
-def ports_in(args: Iterable[str]) -> list[int]:
-    """Every port number that appears in an argument list (``--port N`` or ``host:N``)."""
-    out: list[int] = []
-    args = list(args)
-    for i, a in enumerate(args):
-        if a == "--port" and i + 1 < len(args):
-            out.append(int(args[i + 1]))
-        elif ":" in a and a.rsplit(":", 1)[1].isdigit() and not a.startswith("-"):
-            out.append(int(a.rsplit(":", 1)[1]))
-    return out

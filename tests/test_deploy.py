@@ -33,6 +33,11 @@ from stamen.deploy.procs import TAG_VAR, ProcessGroup, tagged_pids
 from stamen.deploy.proxy import ByteCountingProxy, bursts, split_traffic
 
 ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the environment's flwr / flower-* / stamen commands
+
+
+def _exe(name: str) -> str:
+    return str(BIN / name) if (BIN / name).exists() else name
 DEPLOY = ROOT / "deploy"
 CERTS = spec.CERTS_DIR_IN_CONTAINER
 NODES = 3
@@ -247,7 +252,7 @@ def test_spec_flags_exist_in_the_installed_flower_clis():
         "flower-superexec": spec.superexec_args("h:1", ca=ca) + spec.superexec_args("h:1", ca=None),
     }
     for cli, args in uses.items():
-        help_text = subprocess.run([cli, "--help"], capture_output=True, text=True, timeout=120).stdout
+        help_text = subprocess.run([_exe(cli), "--help"], capture_output=True, text=True, timeout=120).stdout
         for flag in {a for a in args if a.startswith("--")}:
             assert re.search(rf"(^|\s|\[){re.escape(flag)}(\s|$|\]|,)", help_text), f"{cli} has no {flag}"
 
@@ -404,7 +409,7 @@ def test_clients_without_the_ca_cannot_connect(federation, tmp_path):
     home.mkdir()
     conn = {"superlink": {"default": spec.CONNECTION, spec.CONNECTION: {"address": f"127.0.0.1:{fed.control_port}"}}}
     (home / "config.toml").write_text(tomli_w.dumps(conn))  # TLS, but no root-certificates
-    rc = subprocess.run(["flwr", "ls", spec.CONNECTION], capture_output=True, text=True, timeout=180,
+    rc = subprocess.run([_exe("flwr"), "ls", spec.CONNECTION], capture_output=True, text=True, timeout=180,
                         env={**os.environ, "FLWR_HOME": str(home)})
     assert rc.returncode != 0  # (the same command with the CA works: the fixture's flwr calls use it)
     assert re.search(r"certificate verify failed|SSL|Connection to the SuperLink is unavailable", rc.stdout + rc.stderr)
@@ -503,7 +508,7 @@ def _deploy_tags() -> set[str]:
 def test_stamen_deploy_local_runs_to_completion_and_cleans_up_on_ctrl_c(tmp_path):
     before = _deploy_tags()
     out = tmp_path / "run"
-    cmd = ["stamen", "deploy", "local", "--nodes", "2", "--set", "run.rounds=1", "--set", "task.partition='iid'",
+    cmd = [_exe("stamen"), "deploy", "local", "--nodes", "2", "--set", "run.rounds=1", "--set", "task.partition='iid'",
            "--set", "task.local_epochs=1", "--out", str(out), "--timeout", "900"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

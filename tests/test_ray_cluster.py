@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def ray_head(tmp_path):
-    if shutil.which("ray") is None:
+    if shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists():
         pytest.skip("the `ray` command is not installed")
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = {"RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0"}
