@@ -11,6 +11,8 @@ scheduling. Nothing is parallel, so it is meant for small federations on a few c
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
@@ -57,8 +59,14 @@ class InProcessGrid:
             kind = msg.metadata.message_type.split(".")[0]
             if kind not in self.HANDLERS:
                 raise ValueError(f"in-process grid cannot deliver message type {msg.metadata.message_type!r}")
+            start = time.perf_counter()
             try:
-                replies.append(self.HANDLERS[kind](self.cfg, msg, self.contexts[msg.metadata.dst_node_id]))
+                reply = self.HANDLERS[kind](self.cfg, msg, self.contexts[msg.metadata.dst_node_id])
+                # nodes run one after the other here; a deadline applies to each node's own time,
+                # as if all had started together (what a parallel federation would see)
+                if timeout is not None and time.perf_counter() - start > timeout:
+                    continue
+                replies.append(reply)
             except Exception as err:  # as Flower's runtime does: the ClientApp's exception becomes an error reply
                 reason = f"{type(err).__name__}: {err}"
                 replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))

@@ -102,6 +102,8 @@ for _spec in (
     StrategySpec("fedavgm", _flower(fl.FedAvgM), FedAvgMOptions, "FedAvgM (Hsu et al. 2019): server momentum over the mean update"),
     StrategySpec("fedmedian", _flower(fl.FedMedian), NoOptions, "FedMedian (Yin et al. 2018): coordinate-wise median of client models"),
     StrategySpec("krum", _flower(fl.Krum), KrumOptions, "Krum (Blanchard et al. 2017): the client model closest to its neighbours"),
+    StrategySpec("bulyan", _flower(fl.Bulyan), KrumOptions,
+                 "Bulyan (El Mhamdi et al. 2018): Krum selection, then a coordinate-wise trimmed mean"),
     StrategySpec("fedtrimmedavg", _flower(fl.FedTrimmedAvg), TrimmedAvgOptions,
                  "Trimmed mean (Yin et al. 2018): coordinate-wise mean without the β extremes"),
 ):

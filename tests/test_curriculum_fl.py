@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stamen import protocol as P
-from stamen.client import curriculum as C
+from stamen.tasks import curriculum as C
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer, train_sgd
 from stamen.client.trainers_curriculum import LOCAL_MODEL_STATE, curriculum_settings, expert_model
 from stamen.config import load
