@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
@@ -45,8 +42,7 @@ DEFAULT_MAX_ENTRIES = 1 << 31  # dense operators: refuse s*d above this (work pe
 TILE_ENTRIES = 1 << 16  # dense operators: entries per generated tile (256 KiB; defines the stream)
 GATHER_CHUNK = 1 << 16  # most coordinates per de-sketching chunk: (rows, chunk) temporaries <= ~1 MiB
 MIN_GATHER_CHUNK = 1 << 12  # ... and at least this many, so small models do not pay per-chunk overhead
-SCATTER_CHUNK = 1 << 20  # coordinates per signed scatter-add step (4 MiB temporary per thread)
-PARALLEL_MIN_D = 1 << 18  # below this, per-row scatter threads cost more than they save
+SCATTER_CHUNK = 1 << 16  # coordinates per signed scatter-add step (256 KiB temporary, stays in cache)
 MEDIAN_NETWORK_MAX_ROWS = 16  # up to this many rows, a min/max network beats torch.median
 
 
@@ -96,39 +92,6 @@ def gather_chunks(d: int) -> list[tuple[int, int]]:
     return [(start, min(d, start + size)) for start in range(0, d, size)]
 
 
-_POOL_LOCK = threading.Lock()
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _row_pool() -> ThreadPoolExecutor:
-    """Threads for per-row scatter-adds: torch's CPU ``index_add_`` on one row is serial, and
-    random-access bound, so rows in parallel roughly halve CountSketch time on 2 cores."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="sketch-rows")
-        return _POOL
-
-
-_POOL_DISABLED = False
-
-
-def _no_pool_in_forked_child() -> None:
-    """A forked child inherits the pool object but not its threads, and torch's intra-op pool
-    may refuse work from other threads there ("Invalid thread pool"): go serial."""
-    global _POOL, _POOL_LOCK, _POOL_DISABLED
-    _POOL, _POOL_LOCK, _POOL_DISABLED = None, threading.Lock(), True
-
-
-def use_row_threads(x: torch.Tensor, rows: int) -> bool:
-    """Whether to scatter rows in parallel threads (CPU, several rows, large d, not forked)."""
-    return (x.device.type == "cpu" and rows > 1 and not _POOL_DISABLED and torch.get_num_threads() > 1
-            and x.numel() >= PARALLEL_MIN_D)
-
-
-os.register_at_fork(after_in_child=_no_pool_in_forked_child)
-
-
 class HashRows:
     """m hash functions over d coordinates, stored as tables: bucket ids and ±1 signs.
 
@@ -172,22 +135,16 @@ class HashRows:
     def scatter(self, x: torch.Tensor, width: int) -> torch.Tensor:
         """``out[j, b] = Σ_i sign_j(i) x_i [bucket_j(i) = b]``, shape ``(rows, width)``.
 
-        Each row is accumulated serially by one thread (rows run in parallel on CPU), so CPU
-        results are bitwise reproducible; on CUDA ``index_add_`` uses atomics.
+        Serial on CPU, in coordinate order, so CPU results are bitwise reproducible (on CUDA
+        ``index_add_`` uses atomics). Running rows in parallel threads was tried and measured
+        slower on the shared 2-core machine (the scatter is bound by cache misses, not cores).
         """
         rows = self.buckets.shape[0]
         out = torch.zeros(rows, width, dtype=torch.float32, device=x.device)
-
-        def accumulate(j: int) -> None:
+        for j in range(rows):
             for start in range(0, x.numel(), SCATTER_CHUNK):  # the signed chunk stays in cache
                 stop = start + SCATTER_CHUNK
                 out[j].index_add_(0, self.buckets[j, start:stop], x[start:stop] * self.signs[j, start:stop])
-
-        if use_row_threads(x, rows):
-            list(_row_pool().map(accumulate, range(rows)))
-        else:
-            for j in range(rows):
-                accumulate(j)
         return out
 
     def gather(self, table: torch.Tensor, start: int, stop: int) -> torch.Tensor:
