@@ -14,7 +14,7 @@ trainer with the config entry ``trainer`` (default ``sgd``); plugins register th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -68,9 +68,12 @@ def epoch_batches(n: int, batch_size: int, generator: torch.Generator):
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_sgd(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
-              generator: torch.Generator, job: TrainJob | None = None) -> tuple[float, int]:
-    """Mini-batch first-order training (SGD or Adam), optionally with FedProx's proximal term."""
+def run_local_steps(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings, batches: Iterable[torch.Tensor],
+                    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                    ) -> tuple[float, int]:
+    """The optimizer loop every trainer shares: one step per index batch, FedProx's proximal
+    term when ``s.proximal_mu > 0``. ``loss_fn(model, x, y)`` defaults to cross-entropy;
+    trainers differ only in their batches (order, pacing) and their loss (e.g. adversarial)."""
     model.train()
     model.to(s.device)
     Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
@@ -78,19 +81,32 @@ def train_sgd(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
     anchor = [p.detach().clone() for p in params] if s.proximal_mu > 0 else None
     opt = make_optimizer(params, s)
     total, count, steps = 0.0, 0, 0
-    for _ in range(s.epochs):
-        for idx in epoch_batches(len(yt), s.batch_size, generator):
-            idx = idx.to(s.device)
+    for idx in batches:
+        idx = idx.to(s.device)
+        if loss_fn is None:
             loss = nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-            if anchor is not None:
-                loss = loss + 0.5 * s.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
+        else:
+            loss = loss_fn(model, Xt[idx], yt[idx])
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+        if anchor is not None:
+            loss = loss + 0.5 * s.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
     return total / max(1, count), steps
+
+
+def shuffled_epochs(n: int, s: TrainSettings, generator: torch.Generator) -> Iterable[torch.Tensor]:
+    """``s.epochs`` shuffled passes, each drawn when the previous one is done."""
+    return (idx for _ in range(s.epochs) for idx in epoch_batches(n, s.batch_size, generator))
+
+
+def train_sgd(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings,
+              generator: torch.Generator, job: TrainJob | None = None) -> tuple[float, int]:
+    """Mini-batch first-order training (SGD or Adam), optionally with FedProx's proximal term."""
+    return run_local_steps(model, X, y, s, shuffled_epochs(len(y), s, generator))
 
 
 Trainer = Callable[[nn.Module, np.ndarray, np.ndarray, TrainSettings, torch.Generator, TrainJob], tuple[float, int]]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches, make_optimizer, register_trainer
+from stamen.client.trainers import TrainJob, TrainSettings, register_trainer, run_local_steps, shuffled_epochs
 from stamen.sketching.codec import derive_seed
 from stamen.tasks.attacks import NORMS, AttackConfig, adversarial_loss
 
@@ -90,24 +90,6 @@ def train_adversarial(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSe
     # a CPU generator: random starts are drawn on the CPU and moved, the same on any device
     pgd_gen = torch.Generator().manual_seed(derive_seed(job.seed, job.server_round, "pgd", job.partition_id))
 
-    # the loop below mirrors train_sgd line for line, so that ε = 0 gives the same floats
-    model.train()
-    model.to(s.device)
-    Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if s.proximal_mu > 0 else None
-    opt = make_optimizer(params, s)
-    total, count, steps = 0.0, 0, 0
-    for _ in range(s.epochs):
-        for idx in epoch_batches(len(yt), s.batch_size, generator):
-            idx = idx.to(s.device)
-            loss = adversarial_loss(model, Xt[idx], yt[idx], attack, clip, mix=mix, generator=pgd_gen)
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-            if anchor is not None:
-                loss = loss + 0.5 * s.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-    return total / max(1, count), steps
+    # the same loop and batches as train_sgd, so that ε = 0 gives the same floats
+    return run_local_steps(model, X, y, s, shuffled_epochs(len(y), s, generator),
+                           lambda m, xb, yb: adversarial_loss(m, xb, yb, attack, clip, mix=mix, generator=pgd_gen))

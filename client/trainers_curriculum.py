@@ -56,7 +56,7 @@ from stamen.tasks.curriculum import (
     score_examples,
     total_local_steps,
 )
-from stamen.client.trainers import TrainJob, TrainSettings, make_optimizer, register_trainer, train_sgd
+from stamen.client.trainers import TrainJob, TrainSettings, register_trainer, run_local_steps, train_sgd
 from stamen.sketching.codec import derive_seed
 from stamen.tasks.task import get_weights, set_weights
 
@@ -198,27 +198,11 @@ def train_curriculum(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSet
         order = order_examples(scores if scores is not None else torch.zeros(n), c.ordering, order_gen)
         pace = pacing_schedule(c.pacing, total_steps=T, n=n, a=c.a, b=c.b)
 
-    # the loop mirrors train_sgd; with vanilla pacing the batches are epoch_batches' batches
-    model.train()
-    Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if s.proximal_mu > 0 else None
-    opt = make_optimizer(params, s)
-    total, count, steps = 0.0, 0, 0
-    for idx in paced_batches(order, pace, T, s.batch_size, generator):
-        idx = idx.to(s.device)
-        loss = nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
-        if anchor is not None:
-            loss = loss + 0.5 * s.proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
+    # with vanilla pacing the batches are epoch_batches' batches, so this is train_sgd exactly
+    result = run_local_steps(model, X, y, s, paced_batches(order, pace, T, s.batch_size, generator))
     if c.scorer in ("L", "LG") and job.state is not None:
         job.state[LOCAL_MODEL_STATE] = P.to_array_record(get_weights(model))
-    return total / max(1, count), steps
+    return result
 
 
 # --------------------------------------------------------------------------- scoring query

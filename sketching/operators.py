@@ -40,9 +40,12 @@ from stamen.sketching.fwht import fwht_, next_power_of_two
 DEFAULT_MAX_BLOCK_BYTES = 64 << 20  # the most a dense operator materialises at once
 DEFAULT_MAX_ENTRIES = 1 << 31  # dense operators: refuse s*d above this (work per apply)
 TILE_ENTRIES = 1 << 16  # dense operators: entries per generated tile (256 KiB; defines the stream)
-GATHER_CHUNK = 1 << 16  # most coordinates per de-sketching chunk: (rows, chunk) temporaries <= ~1 MiB
+# Hash-sketch loops work in chunks of at most 2^15 coordinates: that is torch's parallel grain
+# size, so every step runs single-threaded. The scatter/gather is bound by cache misses, not
+# cores, and on a busy machine an OpenMP region per step was measured up to 10x slower.
+GATHER_CHUNK = 1 << 15  # most coordinates per de-sketching chunk ((rows, chunk) temporaries)
 MIN_GATHER_CHUNK = 1 << 12  # ... and at least this many, so small models do not pay per-chunk overhead
-SCATTER_CHUNK = 1 << 16  # coordinates per signed scatter-add step (256 KiB temporary, stays in cache)
+SCATTER_CHUNK = 1 << 15  # coordinates per signed scatter-add step (128 KiB temporary, stays in cache)
 MEDIAN_NETWORK_MAX_ROWS = 16  # up to this many rows, a min/max network beats torch.median
 
 
