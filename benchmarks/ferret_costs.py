@@ -40,11 +40,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
-import stamen.client.trainers_ferret as client_ferret  # noqa: F401  (registers DOWNLINKS["ferret"], the trainers)
+import stamen.client.trainers_ferret  # noqa: F401  (registers DOWNLINKS["ferret"], the trainers)
 from stamen import protocol as P
 from stamen.client.app import DOWNLINKS
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
 from stamen import protocol as P

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _localgrid import LocalGrid
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 import stamen.client.trainers_ferret as CF  # registers DOWNLINKS["ferret"], trainers "steps"/"fedkseed"
 import stamen.strategies.fedkseed as SK
@@ -23,7 +23,7 @@ from stamen.server import loop
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
 from stamen.sketching.codec import CodecContext, Layout, PayloadError
-from stamen.sketching.ferret import FerretCodec, basis, basis_variance, seed_pool
+from stamen.sketching.ferret import basis, basis_variance, seed_pool
 from stamen.strategies.registry import StrategyConfigError, build_strategy
 from stamen.tasks.task import get_weights, load_task
 

@@ -17,7 +17,7 @@ from stamen.experiment import preflight
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
 from stamen.tasks.data import DataError
-from stamen.tasks.lm import (GPT, GPTConfig, TokenLogitsGPT, VocabSize, build_gpt, lm_loss, stdlib_corpus,
+from stamen.tasks.lm import (GPTConfig, TokenLogitsGPT, VocabSize, build_gpt, lm_loss, stdlib_corpus,
                              token_windows)
 from stamen.tasks.models import build_model
 from stamen.tasks.task import evaluate, get_weights, load_task
