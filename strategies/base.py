@@ -144,8 +144,9 @@ class StamenStrategy:
             if key not in getattr(content, kind):
                 raise ValueError(f"reply lacks the {key!r} record")
         meta, metrics = content.config_records[P.META], content.metric_records[P.METRICS]
-        if meta.get(P.CODEC) != self.codec.name:
-            raise PayloadError(f"reply encoded with codec {meta.get(P.CODEC)!r}, expected {self.codec.name!r}")
+        expected = getattr(self, "wire_codec", None) or self.codec.name  # a plugin's own reply format
+        if meta.get(P.CODEC) != expected:
+            raise PayloadError(f"reply encoded with codec {meta.get(P.CODEC)!r}, expected {expected!r}")
         pid = meta.get(P.PARTITION_ID)
         if not isinstance(pid, int) or pid not in self.nodes:
             raise ValueError(f"reply names unknown partition-id {pid!r}")

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -244,27 +243,7 @@ class FerretStrategy(StamenStrategy, FedAvg):
 
     def check_payload_reply(self, msg: Message, server_round: int) -> tuple[int, dict[str, np.ndarray], dict]:
         """(partition id, validated payload, metrics) of a reply, or raise naming the defect."""
-        if msg.has_error():
-            raise ValueError(f"client error: {msg.error.reason}")
-        content = msg.content
-        for key, kind in ((P.UPDATE, "array_records"), (P.METRICS, "metric_records"), (P.META, "config_records")):
-            if key not in getattr(content, kind):
-                raise ValueError(f"reply lacks the {key!r} record")
-        meta, metrics = content.config_records[P.META], content.metric_records[P.METRICS]
-        if meta.get(P.CODEC) != self.wire_codec:
-            raise PayloadError(f"reply encoded with codec {meta.get(P.CODEC)!r}, expected {self.wire_codec!r}")
-        pid = meta.get(P.PARTITION_ID)
-        if not isinstance(pid, int) or pid not in self.nodes:
-            raise ValueError(f"reply names unknown partition-id {pid!r}")
-        n = metrics.get(P.NUM_EXAMPLES)
-        if not isinstance(n, (int, float)) or not (n > 0 and math.isfinite(n)):
-            raise ValueError(f"reply has invalid {P.NUM_EXAMPLES} {n!r}")
-        clean = {}
-        for k, v in metrics.items():
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"reply metric {k!r} is not a finite number: {v!r}")
-            clean[k] = v
-        payload = P.from_array_record(content.array_records[P.UPDATE])
+        pid, payload, clean = self.check_envelope(msg)  # records, codec (wire_codec), partition, metrics
         ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout, node=pid)
         self.codec.unpack(payload, ctx)  # dtypes, index ranges, finiteness, no repeated pair
         return pid, payload, clean

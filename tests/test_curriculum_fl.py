@@ -27,14 +27,7 @@ torch.set_num_threads(1)  # as the client workers do
 BASE = ["federation.clients=5", "run.rounds=3", "task.local_epochs=1", "task.hidden=16"]
 
 
-@pytest.fixture(autouse=True)
-def flower_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+from _fakes import flower_identity  # noqa: E402,F401  (autouse fixture)
 
 
 class RecordingGrid(LocalGrid):
