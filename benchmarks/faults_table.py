@@ -28,7 +28,14 @@ SCENARIOS = {
     "20% sign-flip (×4), fedavg": BYZ,
     "20% sign-flip (×4), fedmedian": BYZ + ["strategy.name=fedmedian"],
     "20% sign-flip (×4), krum f=4": BYZ + ["strategy.name=krum", "strategy.num_malicious_nodes=4"],
-    "20% sign-flip (×4), trimmed mean β=0.25": BYZ + ["strategy.name=fedtrimmedavg", "strategy.beta=0.25"],
+    "20% sign-flip (×4), trimmed mean β=0.25": BYZ + ["strategy.name=fedtrimmedavg", "strategy.trim_beta=0.25"],
+    "20% sign-flip (×4), fedavgm + aggregator median": BYZ + ["strategy.name=fedavgm", "strategy.aggregator=median"],
+    "20% sign-flip (×4), fedavgm (mean)": BYZ + ["strategy.name=fedavgm"],
+    "20% sign-flip (×4), fedprox μ=0.01 + aggregator bulyan f=4": BYZ + ["strategy.name=fedprox",
+                                                                       "strategy.aggregator=bulyan",
+                                                                       "strategy.num_malicious_nodes=4"],
+    "20% sign-flip (×4), fedadam + aggregator trimmed_mean β=0.25": BYZ + [
+        "strategy.name=fedadam", "strategy.aggregator=trimmed_mean", "strategy.trim_beta=0.25"],
     "30% client failures, fedavg": ["faults.client_failure=0.3"],
     "50% stragglers (mean delay 1 s, deadline 0.75 s), fedavg": [
         "faults.straggler_fraction=0.5", "faults.straggler_delay_s=1.0", "faults.round_deadline_s=0.75"],
@@ -40,12 +47,15 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--match", default="", help="run only the scenarios whose name contains this text")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.ERROR)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, overrides) in enumerate(SCENARIOS.items()):
+            if args.match not in name:
+                continue
             cfg = load(overrides=[f"run.rounds={args.rounds}", f"run.seed={args.seed}", *overrides])
             summary = run_federation(InProcessGrid(cfg), cfg, Path(tmp) / str(i))
             rows = RunDirectory(Path(tmp) / str(i)).read_metrics()

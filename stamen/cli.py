@@ -103,7 +103,7 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
 
 @app.command("list")
 def list_() -> None:
-    """List the registered strategies, datasets, partitions, models and codecs."""
+    """List the registered strategies, aggregators, datasets, partitions, models and codecs."""
     from stamen.sketching.codec import CODECS, make_codec
     from stamen.strategies.registry import STRATEGIES, _load_plugins
     from stamen.tasks.data import DATASETS, PARTITIONS
@@ -122,6 +122,10 @@ def list_() -> None:
     for name, fn in sorted(DATASETS.items()):
         t.add_row(name, (fn.__doc__ or "").strip().splitlines()[0])
     console.print(t)
+    from stamen.strategies.robust import AGGREGATORS
+
+    console.print("aggregators (strategy.aggregator, any strategy whose clients send model updates, except the "
+                  "sketch-space and coefficient ones): " + ", ".join(AGGREGATORS))
     console.print("partitions (task.partition): " + ", ".join(["auto", "natural", *sorted(PARTITIONS)]))
     console.print("models (task.model): " + ", ".join(sorted(MODELS)))
     t = Table(title="codecs (compression.codec)")

@@ -85,10 +85,16 @@ class TaskSection(_Section):
 
 
 class StrategySection(BaseModel):
-    """``strategy.name`` plus the chosen plugin's own options (validated by the plugin)."""
+    """``strategy.name`` plus the chosen plugin's own options (validated by the plugin), and how
+    client models are combined: ``aggregator`` with its options (strategies/robust.py)."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
     name: str = "fedavg"
+    # unset: the strategy's own rule (mean; median for fedmedian, ...)
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"] | None = None
+    num_malicious_nodes: int = Field(0, ge=0)  # f of krum / multikrum / bulyan
+    num_nodes_to_select: int = Field(0, ge=0)  # m of multikrum; 0 = replies − f
+    trim_beta: float | None = Field(None, ge=0.0, lt=0.5)  # fraction cut at each end by trimmed_mean; unset: 0.2
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -2,7 +2,7 @@
 
 :class:`StamenStrategy` is a mixin placed *before* a Flower strategy in the MRO
 (``class StamenFedAvg(StamenStrategy, FedAvg)``). It keeps Flower's round protocol and
-aggregation rules and adds the three things Flower leaves to the app:
+aggregation rules and adds what Flower leaves to the app:
 
 - **seeded sampling by partition**: nodes are chosen by partition id with a private RNG
   derived from (run seed, round), so a run is reproducible and samples the configured
@@ -12,6 +12,8 @@ aggregation rules and adds the three things Flower leaves to the app:
   (structure, codec name, example count, finiteness, payload shape) and decoded into the
   weights ``w_global + Δ`` that Flower's ``aggregate_train`` expects. A bad reply is
   dropped with its reason logged and counted in :attr:`last_rejected`; the round goes on;
+- **robust combination** (optional, ``strategy.aggregator``): the decoded client models are
+  combined by a robust rule before the base strategy's step (strategies/robust.py);
 - **state for checkpoints**: :meth:`state_dict` / :meth:`load_state_dict` capture what the
   strategy carries across rounds (server optimizer moments, momentum, ...).
 
@@ -57,7 +59,13 @@ class StamenStrategy:
 
     #: attributes that are wiring, not state, and are not checkpointed
     _transient = ("nodes", "codec", "layout", "seed", "stamen_fraction_train", "stamen_fraction_evaluate",
-                  "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "_global")
+                  "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "_global", "aggregator", "robust_rule")
+
+    #: how client models are combined (``strategy.aggregator``; strategies/robust.py attaches the rule)
+    aggregator: str = "mean"
+    robust_rule = None
+    #: why ``strategy.aggregator`` cannot replace this strategy's mean (None: it can)
+    robust_refusal: str | None = None
 
     def bind(self, *, seed: int, nodes: dict[int, int], layout: Layout, codec: Codec,
              fraction_train: float, fraction_evaluate: float) -> None:
@@ -101,6 +109,10 @@ class StamenStrategy:
                         "the global model is unchanged", server_round, len(accepted), len(self.last_rejected),
                         self.min_replies)
             return None, None
+        if self.robust_rule is not None:
+            from stamen.strategies.robust import robust_aggregate
+
+            return robust_aggregate(self, server_round, accepted, super().aggregate_train)
         return super().aggregate_train(server_round, accepted)
 
     def decode_replies(self, server_round: int, replies: list[Message]) -> list[Message]:

@@ -405,9 +405,6 @@ class DPFedAvgMixin(PrivateStrategyBase):
         return msg
 
 
-#: Flower strategies whose aggregate is not a mean: a single client can move it by more than C/D
-_NON_MEAN = ("FedMedian", "Krum", "MultiKrum", "FedTrimmedAvg", "Bulyan")
-
 _PRIVATE_CLASSES: dict[type, type] = {}
 
 
@@ -427,11 +424,11 @@ def make_private(strategy: StamenStrategy, spec, cfg) -> StamenStrategy:
                           f"strategy.name='sketched_dp', not {name!r}; use site 'central' or 'local'")
     plan = privacy_plan(cfg)
     if plan.site == "central" and plan.noise_multiplier > 0:
-        bad = [c.__name__ for c in type(strategy).__mro__ if c.__name__ in _NON_MEAN]
-        if bad or getattr(strategy, "dp_mean_aggregation", True) is False:
+        rule = getattr(strategy, "aggregator", "mean")  # a robust rule: one client can move it by more than C/D
+        if rule != "mean":
             raise ConfigError(f"privacy.site='central' noise is calibrated to a mean of clipped updates (sensitivity "
-                              f"C/D), but strategy {name!r} aggregates with {bad[0] if bad else 'a non-mean rule'}; "
-                              f"use a mean-based strategy (fedavg, fedprox, fedadam, fedavgm, ...) or site 'local'")
+                              f"C/D), but strategy {name!r} aggregates with {rule}; use strategy.aggregator='mean' with a "
+                              f"mean-based strategy (fedavg, fedprox, fedadam, fedavgm, ...) or site 'local'")
     if plan.sampling != "none" and chooses_own_clients(type(strategy)):
         raise ConfigError(f"strategy {name!r} chooses its own clients, so privacy.sampling={plan.sampling!r} "
                           f"(random sampling amplification) does not hold; use privacy.sampling='none'")

@@ -114,6 +114,9 @@ class FerretOptions(Options):
 class FerretStrategy(StamenStrategy, FedAvg):
     """Ferret's round protocol: see the module docstring."""
 
+    robust_refusal = ("the server averages per-seed scalar coefficients and clients rebuild the model from that mean; "
+                      "a median or Krum of coefficients is a different rule, not a robust aggregate of models")
+
     _transient = StamenStrategy._transient + ("options", "_round")
     #: the codec name clients put in their replies
     wire_codec = FerretCodec.name

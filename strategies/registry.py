@@ -86,12 +86,16 @@ class FedAvgMOptions(Options):
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
 
 
-class KrumOptions(Options):
-    num_malicious_nodes: int = Field(0, ge=0, description="f: the number of Byzantine clients tolerated")
+def _robust_alias(aggregator: str) -> Callable[[Options, Any], StamenStrategy]:
+    """FedAvg whose clients' models are combined by ``aggregator`` (strategies/robust.py)."""
+    fedavg = _flower(fl.FedAvg)
 
+    def factory(options: Options, cfg) -> StamenStrategy:
+        strategy = fedavg(options, cfg)
+        strategy.aggregator = aggregator
+        return strategy
 
-class TrimmedAvgOptions(Options):
-    beta: float = Field(0.2, ge=0.0, lt=0.5, description="fraction trimmed at each end")
+    return factory
 
 
 for _spec in (
@@ -100,12 +104,14 @@ for _spec in (
                  "FedProx (Li et al. 2020): FedAvg + proximal term μ/2‖w − w_global‖² in the client objective"),
     StrategySpec("fedadam", _flower(fl.FedAdam), FedAdamOptions, "FedAdam (Reddi et al. 2021): Adam on the server over the mean update"),
     StrategySpec("fedavgm", _flower(fl.FedAvgM), FedAvgMOptions, "FedAvgM (Hsu et al. 2019): server momentum over the mean update"),
-    StrategySpec("fedmedian", _flower(fl.FedMedian), NoOptions, "FedMedian (Yin et al. 2018): coordinate-wise median of client models"),
-    StrategySpec("krum", _flower(fl.Krum), KrumOptions, "Krum (Blanchard et al. 2017): the client model closest to its neighbours"),
-    StrategySpec("bulyan", _flower(fl.Bulyan), KrumOptions,
-                 "Bulyan (El Mhamdi et al. 2018): Krum selection, then a coordinate-wise trimmed mean"),
-    StrategySpec("fedtrimmedavg", _flower(fl.FedTrimmedAvg), TrimmedAvgOptions,
-                 "Trimmed mean (Yin et al. 2018): coordinate-wise mean without the β extremes"),
+    StrategySpec("fedmedian", _robust_alias("median"), NoOptions,
+                 "FedMedian (Yin et al. 2018): coordinate-wise median of client models (= fedavg, aggregator median)"),
+    StrategySpec("krum", _robust_alias("krum"), NoOptions, "Krum (Blanchard et al. 2017): the client model closest to "
+                 "its neighbours (= fedavg, aggregator krum; f = strategy.num_malicious_nodes)"),
+    StrategySpec("bulyan", _robust_alias("bulyan"), NoOptions, "Bulyan (El Mhamdi et al. 2018): Krum selection, then a "
+                 "coordinate-wise trimmed mean (= fedavg, aggregator bulyan)"),
+    StrategySpec("fedtrimmedavg", _robust_alias("trimmed_mean"), NoOptions, "Trimmed mean (Yin et al. 2018): "
+                 "coordinate-wise mean without the β extremes (= fedavg, aggregator trimmed_mean; β = strategy.trim_beta)"),
 ):
     register_strategy(_spec)
 
@@ -117,7 +123,7 @@ def _load_plugins() -> None:
     import stamen.strategies as pkg
 
     for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "registry") and not mod.name.startswith("_"):
+        if mod.name not in ("base", "registry", "robust") and not mod.name.startswith("_"):
             importlib.import_module(f"stamen.strategies.{mod.name}")
 
 
@@ -144,6 +150,9 @@ def build_strategy(cfg) -> StamenStrategy:
     """The strategy object a run config asks for (not yet bound to a federation)."""
     spec = strategy_spec(cfg.strategy.name)
     strategy = spec.factory(parse_options(spec, cfg.strategy.options()), cfg)
+    from stamen.strategies.robust import configure_aggregator
+
+    configure_aggregator(strategy, cfg)  # strategy.aggregator: robust combination of client models
     if cfg.privacy.enabled:  # clipping / noise / accounting (strategies/dp.py)
         from stamen.strategies.dp import make_private
 

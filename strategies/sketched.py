@@ -48,6 +48,9 @@ MERGEABLE = ("gaussian", "srht", "sparsejl", "rademacher", "countsketch")
 class SketchSpaceStrategy(StamenStrategy, FedAvg):
     """Validates replies, combines their sketches with example weights, leaves the rest to subclasses."""
 
+    robust_refusal = ("updates are averaged in sketch space and de-sketched once; a robust rule does not commute "
+                      "with de-sketching (use fedavg/fedprox/fedadam with a compression codec instead)")
+
     codec_round: int | None = None  # fixed operator round (None: a fresh operator each round)
 
     def client_instructions(self, server_round: int) -> dict[str, Any]:

@@ -76,6 +76,9 @@ def summable(codec: Codec) -> bool:
 class SketchedDPStrategy(PrivateStrategyBase, StamenStrategy, FedAvg):
     """Clip + Gaussian noise + accounting on linear sketches, aggregated in sketch space."""
 
+    robust_refusal = ("its noise is calibrated to the mean of clipped sketches, and a robust rule does not commute "
+                      "with de-sketching")
+
     handles_privacy = True  # build_strategy must not wrap it with the parameter-space mechanism
     _transient = StamenStrategy._transient + ("_dp", "_template")
 

@@ -341,8 +341,10 @@ def test_privacy_off_changes_nothing():
 @pytest.mark.parametrize("overrides, match", [
     (["privacy.noise_multiplier=1.0"], "privacy.clip"),
     (["privacy.clip=1.0", "privacy.site='sketch'"], "sketched_dp"),
-    (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=krum"], "Krum"),
-    (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=fedmedian"], "FedMedian"),
+    (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=krum"], "krum"),
+    (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=fedmedian"], "median"),
+    (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=fedadam", "strategy.aggregator=trimmed_mean"],
+     "trimmed_mean"),
     (["privacy.clip=1.0", "privacy.sampling='fixed'", "privacy.accountant='pld'"], "privacy.accountant"),
     (["privacy.clip=1.0", "privacy.sampling='none'", "federation.fraction_train=0.5"], "fraction_train"),
     (["privacy.clip=1.0", "strategy.name=sketched_dp", "compression.codec=int8", "privacy.site='sketch'"],

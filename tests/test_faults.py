@@ -75,6 +75,10 @@ def test_robust_aggregation_resists_sign_flipping_clients(tmp_path):
     krum = final(*attack, "strategy.name=krum", "strategy.num_malicious_nodes=2")
     assert fedavg < clean - 0.3
     assert median > clean - 0.1 and krum > clean - 0.15
+    # the same rules as an option of another update-sending strategy: FedAvgM's momentum step
+    fedavgm = final(*attack, "strategy.name=fedavgm")
+    fedavgm_median = final(*attack, "strategy.name=fedavgm", "strategy.aggregator=median")
+    assert fedavgm < clean - 0.3 and fedavgm_median > clean - 0.1
 
 
 KILL_SCRIPT = """
