@@ -1,7 +1,9 @@
 """Client side of Ferret and FedKSeed: the coefficient downlink, a fixed-step trainer, the zeroth-order trainer.
 
-- ``DOWNLINKS["ferret"]``: the client keeps its own copy of the global weights in its node
-  state (``ferret-global``, with the round it belongs to in ``ferret-sync``). A message either
+- ``DOWNLINKS["ferret"]``: the catch-up downlink (``client/catchup.py``, shared with
+  ``sketched_fedavg`` and ``fetchsgd``) with Ferret's step. The client keeps its own copy of the
+  global weights in its node state (``ferret-global``, with the round it belongs to in
+  ``ferret-sync``). A message either
   carries dense weights (``ferret-sync = "dense"``: first participation, or when catching up
   would cost more) or the aggregated coefficient payloads Γ_r of the rounds the node missed
   (``"catch-up"``); the client applies those it lacks in order, w ← w + η_s·reconstruct(Γ_r) —
@@ -23,94 +25,47 @@ import math
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from torch import nn
 
 from stamen import protocol as P
 from stamen.client.app import DOWNLINKS
+from stamen.client.catchup import CatchUpClient
 from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches, make_optimizer, register_trainer
 from stamen.sketching.codec import CodecContext, PayloadError, derive_seed, register_codec
 from stamen.sketching.ferret import FerretCodec, basis, basis_variance, seed_pool
 
 # Message config entries — the same strings as in strategies/ferret.py and strategies/fedkseed.py
 # (client and strategies share only messages; tests/test_ferret_fl.py checks they agree).
-SYNC, GLOBAL_ROUND, BASE_ROUND, ROUNDS = "ferret-sync", "ferret-round", "ferret-base-round", "ferret-rounds"
-SERVER_LR, CHECK_SUM, CHECK_NORM = "ferret-server-lr", "ferret-sum", "ferret-norm"
+FERRET = CatchUpClient("ferret")  # the catch-up downlink's entries and node-state records
+SYNC, GLOBAL_ROUND, BASE_ROUND, ROUNDS = FERRET.sync, FERRET.global_round, FERRET.base_round, FERRET.rounds
+SERVER_LR, CHECK_SUM, CHECK_NORM = "ferret-server-lr", FERRET.check_sum, FERRET.check_norm
 LOCAL_STEPS = "local-steps"
 ZO_STEPS, ZO_EPS, ZO_LR = "zo-steps", "zo-eps", "zo-lr"
 PAYLOAD_KEYS = ("block", "seed", "value")
 
 # Node-state records
-GLOBAL_COPY = "ferret-global"  # ArrayRecord {"flat": the global weights, fp32, layout order}
-SYNC_STATE = "ferret-sync"  # ConfigRecord {"round": the round those weights belong to}
-
-#: tolerance of the check of a rebuilt copy against the server's Σw and ‖w‖ (relative to ‖w‖)
-CHECK_RTOL = 1e-5
+GLOBAL_COPY = FERRET.copy_record  # "ferret-global": ArrayRecord {"flat": the global weights, fp32, layout order}
+SYNC_STATE = FERRET.round_record  # "ferret-sync": ConfigRecord {"round": the round those weights belong to}
 
 
 # -- the coefficient downlink -----------------------------------------------------------------
-def held_copy(state: RecordDict) -> tuple[int, torch.Tensor] | None:
-    """(round, flat fp32 weights) of the node's copy of the global model, or None."""
-    if GLOBAL_COPY not in state.array_records or SYNC_STATE not in state.config_records:
-        return None
-    flat = torch.from_numpy(np.array(state.array_records[GLOBAL_COPY]["flat"].numpy(), dtype=np.float32))
-    return int(state.config_records[SYNC_STATE]["round"]), flat
-
-
-def store_copy(state: RecordDict, server_round: int, flat: torch.Tensor) -> None:
-    state[GLOBAL_COPY] = P.to_array_record({"flat": flat.detach().to("cpu", torch.float32).numpy()})
-    state[SYNC_STATE] = ConfigRecord({"round": int(server_round)})
-
-
-def forget_copy(state: RecordDict) -> None:
-    for key in (GLOBAL_COPY, SYNC_STATE):
-        if key in state:
-            del state[key]
+held_copy, store_copy, forget_copy = FERRET.held_copy, FERRET.store_copy, FERRET.forget_copy
 
 
 def ferret_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarray]:
     """The global weights of a ``downlink = "ferret"`` message (dense, or rebuilt from coefficients)."""
     config = job.options
     layout = job.task.layout
-    mode = config.get(SYNC)
-    target = int(config[GLOBAL_ROUND])
-    arrays = P.from_array_record(content.array_records[P.ARRAYS])
-    if mode == "dense":
-        flat = layout.flatten(arrays)
-    elif mode == "catch-up":
-        held = held_copy(job.state)
-        base = int(config[BASE_ROUND])
-        if held is None:
-            raise ValueError(f"the server sent a catch-up from round {base}, but this node holds no copy of the "
-                             f"global model (the server sends dense weights next time)")
-        held_round, flat = held
-        if not base <= held_round <= target:
-            forget_copy(job.state)
-            raise ValueError(f"this node's copy of the global model is from round {held_round}; the catch-up "
-                             f"covers rounds {base}..{target}")
-        codec = FerretCodec(**json.loads(config["codec-options"]))
-        server_lr = float(config[SERVER_LR])
-        for r in [int(r) for r in config[ROUNDS]]:
-            if r > held_round:  # an earlier message may already have brought it (its reply was lost)
-                payload = {k: arrays[f"{r}.{k}"] for k in PAYLOAD_KEYS}
-                ctx = CodecContext(seed=job.seed, round=r, layout=layout)
-                flat = flat.add(codec.decode(payload, ctx), alpha=server_lr)  # = strategies.ferret.apply_update
-    else:
-        raise ValueError(f"unknown {SYNC} {mode!r} in a ferret downlink message; expected 'dense' or 'catch-up'")
-    _check_copy(flat, float(config[CHECK_SUM]), float(config[CHECK_NORM]), job.state)
-    store_copy(job.state, target, flat)
-    return layout.unflatten(flat)
+    codec: list[FerretCodec] = []  # built on first use (a dense message needs none)
 
+    def step(flat: torch.Tensor, r: int, payload: dict[str, np.ndarray]) -> torch.Tensor:
+        if not codec:
+            codec.append(FerretCodec(**json.loads(config["codec-options"])))
+        ctx = CodecContext(seed=job.seed, round=r, layout=layout)
+        return flat.add(codec[0].decode(payload, ctx), alpha=float(config[SERVER_LR]))  # = strategies.ferret.apply_update
 
-def _check_copy(flat: torch.Tensor, expected_sum: float, expected_norm: float, state: RecordDict) -> None:
-    w = flat.to(torch.float64)
-    total, norm = float(w.sum()), float(w.norm())
-    tol = CHECK_RTOL * max(expected_norm, 1e-12)
-    if not (abs(total - expected_sum) <= tol * math.sqrt(w.numel()) and abs(norm - expected_norm) <= tol):
-        forget_copy(state)
-        raise ValueError(f"the rebuilt global weights differ from the server's (sum {total:.9g} vs {expected_sum:.9g}, "
-                         f"norm {norm:.9g} vs {expected_norm:.9g}); the copy is dropped and the server sends dense "
-                         f"weights next time")
+    return FERRET.rebuild(content, config, job.state, layout, step)
 
 
 DOWNLINKS["ferret"] = ferret_downlink
@@ -239,6 +194,7 @@ class FedKSeedEncoder(FerretCodec):
     """
 
     name = "fedkseed"
+    general_purpose = False  # encodes only the trainer's own coefficients: a strategy-internal wire format
 
     def encode(self, update: torch.Tensor, ctx: CodecContext, state: dict | None = None) -> dict[str, np.ndarray]:
         if len(self.blocks(ctx.layout)) != 1:

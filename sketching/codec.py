@@ -110,6 +110,10 @@ class Codec(ABC):
 
     name: ClassVar[str]
     linear: ClassVar[bool] = False
+    #: False for a strategy's private wire format (e.g. ``fedkseed``, which sends what one trainer
+    #: accumulated and cannot encode an arbitrary update): registered so that clients can find it by
+    #: name, but not a ``compression.codec`` choice and not covered by the generic codec tests
+    general_purpose: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         if options:

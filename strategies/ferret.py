@@ -20,7 +20,9 @@ the number of clients.
 **Downlink** (``downlink``):
 
 - ``"dense"``: every sampled client gets the global weights (d fp32 numbers);
-- ``"coefficients"`` (default): clients rebuild the global model themselves. The server keeps
+- ``"coefficients"`` (default): clients rebuild the global model themselves, with the catch-up
+  downlink that ``sketched_fedavg`` and ``fetchsgd`` share (``strategies/catchup.py``,
+  ``client/catchup.py``; here the per-round update is Γ_r). The server keeps
   the history of aggregated payloads Γ_r (a few KB per round) and, per node, the round whose
   global weights the node holds (``synced``: set when the node's reply is accepted — it trained
   from those weights; dropped when its reply is lost or rejected). A node sampled in round t
@@ -57,46 +59,38 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
 from stamen import protocol as P
 from stamen.config import ConfigError
 from stamen.sketching.codec import Codec, CodecContext, Layout, PayloadError
+from stamen.sketching.downlink import weights_check  # noqa: F401  (part of this module's protocol)
 from stamen.sketching.ferret import FerretCodec
-from stamen.strategies.base import StamenStrategy, _reply_order
+from stamen.strategies.base import _reply_order
+from stamen.strategies.catchup import CatchUpKeys, CatchUpStrategy, payload_key  # noqa: F401
 from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, register_strategy
 
 log = logging.getLogger("stamen.strategy.ferret")
 
 # Message config entries shared with client/trainers_ferret.py (the two sides share only messages).
-DOWNLINK_NAME = "ferret"  # config "downlink": the client's DOWNLINKS entry
-SYNC = "ferret-sync"  # "dense" | "catch-up"
-GLOBAL_ROUND = "ferret-round"  # the round whose global weights the client trains from (t − 1)
-BASE_ROUND = "ferret-base-round"  # catch-up: the round the server believes the node holds
-ROUNDS = "ferret-rounds"  # catch-up: the rounds whose payloads the message carries, in order
+KEYS = CatchUpKeys("ferret")  # the catch-up downlink's entries (strategies/catchup.py)
+DOWNLINK_NAME = KEYS.downlink  # "ferret": config "downlink", the client's DOWNLINKS entry
+SYNC = KEYS.sync  # "ferret-sync": "dense" | "catch-up"
+GLOBAL_ROUND = KEYS.global_round  # "ferret-round": the round whose global weights the client trains from (t − 1)
+BASE_ROUND = KEYS.base_round  # "ferret-base-round": catch-up: the round the server believes the node holds
+ROUNDS = KEYS.rounds  # "ferret-rounds": catch-up: the rounds whose payloads the message carries, in order
 SERVER_LR = "ferret-server-lr"
-CHECK_SUM, CHECK_NORM = "ferret-sum", "ferret-norm"  # fp64 Σw and ‖w‖ of the global weights
+CHECK_SUM, CHECK_NORM = KEYS.check_sum, KEYS.check_norm  # fp64 Σw and ‖w‖ of the global weights
 LOCAL_STEPS = "local-steps"  # trainer "steps": exactly this many optimizer steps
 PAYLOAD_KEYS = ("block", "seed", "value")
-
-
-def payload_key(server_round: int, part: str) -> str:
-    """Array name of one part of round ``server_round``'s aggregated payload in a catch-up message."""
-    return f"{server_round}.{part}"
 
 
 def apply_update(flat: torch.Tensor, codec: FerretCodec, payload: dict[str, np.ndarray], ctx: CodecContext,
                  server_lr: float) -> torch.Tensor:
     """w + η_s · reconstruct(Γ): the server step (the client's downlink repeats exactly this)."""
     return flat.add(codec.decode(payload, ctx), alpha=float(server_lr))
-
-
-def weights_check(flat: torch.Tensor) -> tuple[float, float]:
-    """(Σ w, ‖w‖) in fp64: what a client compares its rebuilt copy against."""
-    w = flat.to(torch.float64)
-    return float(w.sum()), float(w.norm())
 
 
 class FerretOptions(Options):
@@ -111,22 +105,25 @@ class FerretOptions(Options):
     pool_scope: Literal["run", "round"] = Field("run", description="one seed pool per run (the paper) or per round")
 
 
-class FerretStrategy(StamenStrategy, FedAvg):
-    """Ferret's round protocol: see the module docstring."""
+class FerretStrategy(CatchUpStrategy, FedAvg):
+    """Ferret's round protocol: see the module docstring. ``history`` holds the aggregated payloads
+    Γ_r (wire dtypes), ``synced`` the round each node holds (the catch-up downlink's state)."""
 
     robust_refusal = ("the server averages per-seed scalar coefficients and clients rebuild the model from that mean; "
                       "a median or Krum of coefficients is a different rule, not a robust aggregate of models")
 
-    _transient = StamenStrategy._transient + ("options", "_round")
+    _transient = CatchUpStrategy._transient + ("options", "_round")
     #: the codec name clients put in their replies
     wire_codec = FerretCodec.name
+    catchup = KEYS
 
     def __init__(self, options: FerretOptions):
         super().__init__(**_FLOWER_SAMPLING)
         self.options = options
-        self.history: dict[int, dict[str, np.ndarray]] = {}  # round -> aggregated payload Γ_r (wire dtypes)
-        self.synced: dict[int, int] = {}  # node id -> the round whose global weights it holds
         self._round: dict[str, Any] = {}
+
+    def catchup_enabled(self) -> bool:
+        return self.options.downlink == "coefficients"
 
     # -- wiring ---------------------------------------------------------------------------
     def bind(self, *, seed: int, nodes: dict[int, int], layout: Layout, codec: Codec, fraction_train: float,
@@ -143,10 +140,6 @@ class FerretStrategy(StamenStrategy, FedAvg):
     def make_codec(self, layout: Layout) -> FerretCodec:
         return FerretCodec(**self.codec_options(layout))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.synced = {}  # a resumed run talks to nodes with fresh state: they get dense weights first
-
     # -- what the clients are told ----------------------------------------------------------
     def client_instructions(self, server_round: int) -> dict[str, Any]:
         out = {P.CODEC: self.wire_codec,
@@ -156,48 +149,6 @@ class FerretStrategy(StamenStrategy, FedAvg):
         if self.options.downlink == "coefficients":
             out.update({"downlink": DOWNLINK_NAME, SERVER_LR: float(self.options.server_lr)})
         return out
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
-        pids = self.sample_partitions(server_round, self.stamen_fraction_train)
-        self._global = P.from_array_record(arrays)
-        base = {**dict(config), **self.client_instructions(server_round), "server-round": server_round}
-        targets = [self.nodes[p] for p in pids]
-        self._round = {"sent": targets, "dense": 0, "catchup": 0, "catchup_rounds": []}
-        if self.options.downlink == "dense":
-            content = RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord(base)})
-            self._round["dense"] = len(targets)
-            return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in targets]
-
-        target = server_round - 1  # the round that produced ``arrays``
-        flat = self.layout.flatten(self._global)
-        total, norm = weights_check(flat)
-        base.update({GLOBAL_ROUND: target, CHECK_SUM: total, CHECK_NORM: norm})
-        dense_bytes = 4 * self.layout.d
-        contents: dict[int | None, RecordDict] = {}  # by the node's held round (None: dense)
-        messages = []
-        for node in targets:
-            held = self.synced.get(node)
-            rounds = [r for r in sorted(self.history) if held is not None and held < r <= target]
-            size = sum(int(a.nbytes) for r in rounds for a in self.history[r].values())
-            if held is None or held > target or size >= dense_bytes:
-                held = None
-            if held not in contents:
-                contents[held] = self._downlink_content(base, arrays, held, rounds)
-            if held is None:
-                self._round["dense"] += 1
-            else:
-                self._round["catchup"] += 1
-                self._round["catchup_rounds"].append(len(rounds))
-            messages.append(Message(content=contents[held], dst_node_id=node, message_type=MessageType.TRAIN))
-        return messages
-
-    def _downlink_content(self, base: dict[str, Any], arrays: ArrayRecord, held: int | None,
-                          rounds: list[int]) -> RecordDict:
-        if held is None:
-            return RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord({**base, SYNC: "dense"})})
-        payloads = {payload_key(r, k): self.history[r][k] for r in rounds for k in PAYLOAD_KEYS}
-        config = ConfigRecord({**base, SYNC: "catch-up", BASE_ROUND: held, ROUNDS: list(rounds)})
-        return RecordDict({P.ARRAYS: P.to_array_record(payloads), P.CONFIG: config})
 
     # -- replies ----------------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies):
@@ -216,33 +167,30 @@ class FerretStrategy(StamenStrategy, FedAvg):
             self.last_participants.append(pid)
             uplink.append(P.message_bytes(msg))
             nnz.append(int(len(payload["value"])))
-        self._round.update(uplink=uplink, nnz=nnz, aggregated_nnz=0)
-        arrays, metrics = None, None
+        self._round = {"uplink": uplink, "nnz": nnz, "aggregated_nnz": 0}
+        arrays, metrics, aggregated = None, None, None
         if accepted:
-            arrays = self._step(server_round, [p for _, p, _ in accepted],
-                                [float(m[P.NUM_EXAMPLES]) for _, _, m in accepted])
+            arrays, aggregated = self._step(server_round, [p for _, p, _ in accepted],
+                                            [float(m[P.NUM_EXAMPLES]) for _, _, m in accepted])
             contents = [RecordDict({P.METRICS: MetricRecord(m)}) for _, _, m in accepted]
             metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         else:
             log.warning("round %d: no valid replies (%d rejected); the global model is unchanged",
                         server_round, len(self.last_rejected))
-        if self.options.downlink == "coefficients":
-            self._update_sync(server_round, {node for node, _, _ in accepted} if arrays is not None else set())
+        self.end_catchup_round(server_round, aggregated, {node for node, _, _ in accepted})
         return arrays, metrics
 
     def _step(self, server_round: int, payloads: list[dict[str, np.ndarray]], examples: list[float]):
-        """Aggregate in coefficient space, keep Γ for the downlink, apply it once; None if it overflows."""
+        """Aggregate in coefficient space and apply Γ once: (new weights, Γ), or (None, None) on overflow."""
         total = sum(examples)
         ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout)
         aggregated = self.codec.aggregate(payloads, [n / total for n in examples], ctx)
         flat = apply_update(self.layout.flatten(self._global), self.codec, aggregated, ctx, self.options.server_lr)
         if not bool(torch.isfinite(flat).all()):
             log.warning("round %d: the aggregated update overflows; the global model is unchanged", server_round)
-            return None
-        if self.options.downlink == "coefficients":
-            self.history[server_round] = aggregated
+            return None, None
         self._round["aggregated_nnz"] = int(len(aggregated["value"]))
-        return P.to_array_record(self.layout.unflatten(flat))
+        return P.to_array_record(self.layout.unflatten(flat)), aggregated
 
     def check_payload_reply(self, msg: Message, server_round: int) -> tuple[int, dict[str, np.ndarray], dict]:
         """(partition id, validated payload, metrics) of a reply, or raise naming the defect."""
@@ -250,28 +198,6 @@ class FerretStrategy(StamenStrategy, FedAvg):
         ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout, node=pid)
         self.codec.unpack(payload, ctx)  # dtypes, index ranges, finiteness, no repeated pair
         return pid, payload, clean
-
-    # -- per-node sync state ------------------------------------------------------------------
-    def _update_sync(self, server_round: int, ok: set[int]) -> None:
-        """Accepted nodes hold round t − 1's weights; the others' state is unknown. Prune the history."""
-        for node in self._round.get("sent", []):
-            if node in ok:
-                self.synced[node] = server_round - 1
-            else:
-                self.synced.pop(node, None)
-        dense_bytes = 4 * self.layout.d
-        kept, size = [], 0
-        for r in sorted(self.history, reverse=True):  # newest first, while a catch-up stays below dense
-            size += sum(int(a.nbytes) for a in self.history[r].values())
-            if size >= dense_bytes:
-                break
-            kept.append(r)
-        oldest_kept = min(kept, default=server_round + 1)
-        for node, held in list(self.synced.items()):  # they would need a dropped round: dense next time
-            if any(held < r < oldest_kept for r in self.history):
-                del self.synced[node]
-        floor = min(self.synced.values(), default=server_round)
-        self.history = {r: self.history[r] for r in kept if r > floor}
 
     # -- what is recorded ---------------------------------------------------------------------
     def round_metrics(self, server_round: int) -> dict[str, Any]:
@@ -282,11 +208,7 @@ class FerretStrategy(StamenStrategy, FedAvg):
             "ferret_nnz": list(nnz),
             "uplink_bytes_per_client": float(np.mean(uplink)) if uplink else None,
             "ferret_aggregated_nnz": r.get("aggregated_nnz", 0),
-            "ferret_dense_nodes": r.get("dense", 0),
-            "ferret_catchup_nodes": r.get("catchup", 0),
-            "ferret_catchup_rounds": list(r.get("catchup_rounds", [])),
-            "ferret_history_rounds": len(self.history),
-            "ferret_history_bytes": int(sum(a.nbytes for p in self.history.values() for a in p.values())),
+            **self.downlink_metrics(),  # ferret_dense_nodes, ferret_catchup_nodes, ... (strategies/catchup.py)
         }
 
     def summary_metrics(self) -> dict[str, Any]:

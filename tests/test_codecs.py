@@ -1,6 +1,8 @@
 """Codecs: round trips, unbiasedness, error feedback, mergeability and payload validation.
 
-Parametrised over every registered codec (``CODECS``), so a new codec module gets the
+Parametrised over every registered general-purpose codec (``CODECS`` entries with
+``general_purpose``; a strategy's private wire format such as ``fedkseed``, registered when its
+client module is imported, is tested with its strategy), so a new codec module gets the
 malformed-payload and property tests for free. Monte-Carlo tolerances are five standard
 errors estimated from the samples (fixed seeds: deterministic).
 """
@@ -20,8 +22,8 @@ from stamen.sketching.codec import CODECS, Codec, CodecContext, Layout, PayloadE
 from stamen.sketching.codecs_sketch import SketchCodec, cached_operator
 
 make_codec("dense")  # loads every codecs_*.py module, filling CODECS
-ALL_CODECS = sorted(CODECS)
-SKETCHES = sorted(name for name, cls in CODECS.items() if issubclass(cls, SketchCodec))
+ALL_CODECS = sorted(name for name, cls in CODECS.items() if cls.general_purpose)
+SKETCHES = sorted(name for name in ALL_CODECS if issubclass(CODECS[name], SketchCodec))
 LAYOUT = Layout(("conv.weight", "conv.bias", "fc.weight"), ((8, 3, 3, 3), (8,), (4, 72)))  # d = 512
 TINY = Layout(("w", "b"), ((2, 3), (4,)))  # d = 10, for the property test
 
@@ -310,3 +312,13 @@ def test_topk_selection_is_exact_on_large_inputs(kind):
     kth = torch.topk(x.abs(), k).values.min()
     assert chosen.numel() == k and chosen.unique().numel() == k and bool((chosen.diff() > 0).all())
     assert bool((x.abs()[chosen] >= kth).all())
+
+
+def test_strategy_internal_wire_formats_are_not_general_purpose():
+    """``fedkseed`` (registered by its client module) encodes only its trainer's coefficients: it must not
+    enter the generic tests above, whichever test module imported it first."""
+    import stamen.client.trainers_ferret  # noqa: F401  (registers the fedkseed encoder)
+
+    assert "fedkseed" in CODECS and not CODECS["fedkseed"].general_purpose
+    assert "fedkseed" not in ALL_CODECS
+    assert all(CODECS[name].general_purpose for name in ("dense", "fp16", "int8", "topk", "srht", "countsketch", "ferret"))
