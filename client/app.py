@@ -51,6 +51,9 @@ def resolve_device(requested: str) -> str:
 
 
 def _worker(cfg: StamenConfig) -> _Worker:
+    last = _WORKERS.get("last")
+    if last is not None and last.cfg is cfg:  # the same config object as the previous message: no re-keying
+        return last
     key = cfg.to_json()
     if key not in _WORKERS:
         threads = max(1, int(cfg.federation.client_cpus))
@@ -59,6 +62,7 @@ def _worker(cfg: StamenConfig) -> _Worker:
         device = resolve_device(cfg.run.device)
         _WORKERS.clear()
         _WORKERS[key] = _Worker(cfg, task, task.new_model().to(device), device)
+    _WORKERS["last"] = _WORKERS[key]
     return _WORKERS[key]
 
 
@@ -70,9 +74,16 @@ def _partition_id(context: Context) -> int:
                          "(start SuperNodes with --node-config 'partition-id=<i> num-partitions=<n>')") from None
 
 
+_DECODED: list = [None, None]  # (ArrayRecord, its arrays): a pack's clients share one global-weights record
+
+
 def dense_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarray]:
-    """The default downlink: the global weights as they are."""
-    return P.from_array_record(content.array_records[P.ARRAYS])
+    """The default downlink: the global weights as they are (decoded once per record object; callers
+    must not modify them)."""
+    record = content.array_records[P.ARRAYS]
+    if _DECODED[0] is not record:
+        _DECODED[:] = [record, P.from_array_record(record)]
+    return _DECODED[1]
 
 
 #: how a client turns a train message into global weights, by the config entry ``downlink``
@@ -197,6 +208,14 @@ def make_client_app(cfg: StamenConfig | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         return handle_query(resolve(context), msg, context)
+
+    def pack(msg: Message, context: Context) -> Message:  # many clients' messages (client/virtual.py)
+        from stamen.client.virtual import handle_pack
+
+        return handle_pack(resolve(context), msg, context)
+
+    for register in (app.train, app.evaluate, app.query):
+        register(P.PACK_ACTION)(pack)
 
     return app
 

@@ -131,8 +131,14 @@ def get_trainer(name: str) -> Trainer:
     return TRAINERS[name]
 
 
+_PLUGINS_LOADED = False
+
+
 def load_client_plugins() -> None:
-    """Import client modules named ``trainers_*.py`` (they register trainers, downlinks, queries)."""
+    """Import client modules named ``trainers_*.py`` (they register trainers, downlinks, queries); once."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
     import importlib
     import pkgutil
 
@@ -141,3 +147,4 @@ def load_client_plugins() -> None:
     for mod in pkgutil.iter_modules(pkg.__path__):
         if mod.name.startswith("trainers_"):
             importlib.import_module(f"stamen.client.{mod.name}")
+    _PLUGINS_LOADED = True

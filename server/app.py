@@ -25,13 +25,19 @@ def default_out_dir(cfg: StamenConfig) -> Path:
 
 def make_server_app(cfg: StamenConfig | None = None, out_dir: str | Path | None = None, *, resume: bool = False,
                     on_round: Callable[[dict[str, Any]], None] | None = None,
-                    result: dict[str, Any] | None = None) -> ServerApp:
+                    result: dict[str, Any] | None = None, carriers: int | None = None) -> ServerApp:
+    """The ServerApp; ``carriers``: the simulation hosts the clients as virtual nodes on that many
+    SuperNodes (server/virtual_grid.py), None: one SuperNode per client."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else from_flat(dict(context.run_config))
         out = Path(out_dir) if out_dir is not None else default_out_dir(run_cfg)
+        if carriers:
+            from stamen.server.virtual_grid import VirtualGrid
+
+            grid = VirtualGrid(grid, run_cfg, carriers)
         try:
             summary = run_federation(grid, run_cfg, out, resume=resume, on_round=on_round)
             if result is not None:

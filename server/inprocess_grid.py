@@ -11,12 +11,9 @@ scheduling. Nothing is parallel, so it is meant for small federations on a few c
 
 from __future__ import annotations
 
-import time
+from flwr.app import Message
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
-
-from stamen.client.app import handle_evaluate, handle_query, handle_train
+from stamen.client.virtual import run_client, virtual_context
 
 
 def _ensure_task_identity() -> None:
@@ -33,41 +30,24 @@ def _ensure_task_identity() -> None:
 
 
 class InProcessGrid:
-    """The subset of Flower's ``Grid`` the server loop uses, with one in-process node per partition.
+    """The subset of Flower's ``Grid`` the server loop uses, with one in-process virtual node per
+    partition (client/virtual.py).
 
     Node ids are ``1000 + 7·partition``; each node keeps its own ``context.state`` across
-    rounds, as a SuperNode does.
+    rounds, as a SuperNode does. Nodes run one after the other; a deadline applies to each
+    node's own time, as if all had started together.
     """
-
-    HANDLERS = {"train": handle_train, "evaluate": handle_evaluate, "query": handle_query}
 
     def __init__(self, cfg):
         self.cfg = cfg
         n = cfg.federation.clients
         self.node_ids = [1000 + 7 * i for i in range(n)]
-        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": n},
-                                      state=RecordDict(), run_config={})
-                         for i, nid in enumerate(self.node_ids)}
+        self.contexts = {nid: virtual_context(1, nid, i, n) for i, nid in enumerate(self.node_ids)}
         _ensure_task_identity()
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            kind = msg.metadata.message_type.split(".")[0]
-            if kind not in self.HANDLERS:
-                raise ValueError(f"in-process grid cannot deliver message type {msg.metadata.message_type!r}")
-            start = time.perf_counter()
-            try:
-                reply = self.HANDLERS[kind](self.cfg, msg, self.contexts[msg.metadata.dst_node_id])
-                # nodes run one after the other here; a deadline applies to each node's own time,
-                # as if all had started together (what a parallel federation would see)
-                if timeout is not None and time.perf_counter() - start > timeout:
-                    continue
-                replies.append(reply)
-            except Exception as err:  # as Flower's runtime does: the ClientApp's exception becomes an error reply
-                reason = f"{type(err).__name__}: {err}"
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))
-        return replies
+        replies = [run_client(self.cfg, msg, self.contexts[msg.metadata.dst_node_id], timeout) for msg in messages]
+        return [r for r in replies if r is not None]

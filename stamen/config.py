@@ -44,6 +44,10 @@ class FederationSection(_Section):
     client_gpus: float = Field(0.0, ge=0.0)
     ray_address: str = ""
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    # simulation only: SuperNodes host many clients each, one Flower message per node per call
+    # (server/virtual_grid.py); false = one SuperNode per client
+    virtual_clients: bool = True
+    sim_nodes: int = Field(0, ge=0)  # carrier SuperNodes with virtual_clients; 0 = as many as Ray runs at once
 
 
 class TaskSection(_Section):

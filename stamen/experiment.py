@@ -23,6 +23,30 @@ def backend_config(cfg: StamenConfig) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus}, "init_args": init_args}
 
 
+def carrier_count(cfg: StamenConfig, backend: dict[str, Any]) -> int:
+    """SuperNodes to simulate with ``federation.virtual_clients``: ``federation.sim_nodes``, or as many
+    actors as Ray runs at once for ``client_resources`` (Flower's own count; at most N)."""
+    fed = cfg.federation
+    if fed.sim_nodes:
+        return min(fed.sim_nodes, fed.clients)
+    if fed.ray_address:  # ask the cluster, then leave Ray to Flower's backend
+        import ray
+        from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+        ray.init(**backend["init_args"])
+        try:
+            fit = pool_size_from_resources(backend["client_resources"])
+        finally:
+            ray.shutdown()
+    else:  # this machine, as Ray sees it: the CPUs this process may use, the visible GPUs
+        import torch
+
+        fit = int(len(os.sched_getaffinity(0)) / fed.client_cpus)
+        if fed.client_gpus > 0:
+            fit = min(fit, int(torch.cuda.device_count() / fed.client_gpus))
+    return max(1, min(fed.clients, fit))
+
+
 def simulate(cfg: StamenConfig, out_dir: str | Path, *, resume: bool = False,
              on_round: Callable[[dict[str, Any]], None] | None = None, verbose: bool = False) -> dict[str, Any]:
     """Run ``cfg`` in simulation, writing ``out_dir``; return the summary."""
@@ -37,9 +61,11 @@ def simulate(cfg: StamenConfig, out_dir: str | Path, *, resume: bool = False,
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)  # also hides run_simulation's deprecation notice
     result: dict[str, Any] = {}
-    server = make_server_app(cfg, out_dir, resume=resume, on_round=on_round, result=result)
-    run_simulation(server_app=server, client_app=make_client_app(cfg), num_supernodes=cfg.federation.clients,
-                   backend_config=backend_config(cfg), verbose_logging=verbose)
+    backend = backend_config(cfg)
+    carriers = carrier_count(cfg, backend) if cfg.federation.virtual_clients else None
+    server = make_server_app(cfg, out_dir, resume=resume, on_round=on_round, result=result, carriers=carriers)
+    run_simulation(server_app=server, client_app=make_client_app(cfg),
+                   num_supernodes=carriers or cfg.federation.clients, backend_config=backend, verbose_logging=verbose)
     if "error" in result:
         err = result["error"]
         raise RunFailed(f"{type(err).__name__}: {err}") from err

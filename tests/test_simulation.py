@@ -51,9 +51,13 @@ def test_same_seed_same_metrics_under_ray_and_in_process(tmp_path):
 
     from stamen.server.loop import run_federation
 
-    cfg, a, _ = run(tmp_path, "a", "federation.fraction_train=0.5", "run.rounds=2")
-    _, b, _ = run(tmp_path, "b", "federation.fraction_train=0.5", "run.rounds=2")
-    assert strip_wall(a.read_metrics()) == strip_wall(b.read_metrics())
+    # per-client state across rounds (error-feedback top-k) and error replies (failures) included
+    opts = ["federation.fraction_train=0.5", "run.rounds=3", "compression.codec=topk", "faults.client_failure=0.2"]
+    cfg, a, _ = run(tmp_path, "a", *opts)  # virtual clients on carrier SuperNodes (the default)
+    _, b, _ = run(tmp_path, "b", *opts, "federation.virtual_clients=false")  # one SuperNode per client
+    _, d, _ = run(tmp_path, "d", *opts, "federation.sim_nodes=4")  # 4 carriers on 2 actors
+    assert strip_wall(a.read_metrics()) == strip_wall(b.read_metrics()) == strip_wall(d.read_metrics())
+    assert sum(r["rejected"] for r in a.read_metrics()) > 0
     # scheduling does not enter the numbers: the same run in one process gives the same metrics
     run_federation(LocalGrid(cfg), cfg, tmp_path / "c")
     assert strip_wall(RunDirectory(tmp_path / "c").read_metrics()) == strip_wall(a.read_metrics())
