@@ -128,7 +128,8 @@ def _load_plugins() -> None:
 
 
 def strategy_spec(name: str) -> StrategySpec:
-    _load_plugins()
+    if name not in STRATEGIES:  # Flower's strategies are registered above; plugins are imported on demand
+        _load_plugins()
     if name not in STRATEGIES:
         raise StrategyConfigError(f"unknown strategy.name {name!r}; choose one of {sorted(STRATEGIES)}")
     return STRATEGIES[name]
