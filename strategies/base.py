@@ -10,8 +10,9 @@ aggregation rules and adds what Flower leaves to the app:
   sample before every node registered);
 - **decoding**: clients send the codec payload of their update Δ; each reply is checked
   (structure, codec name, example count, finiteness, payload shape) and decoded into the
-  weights ``w_global + Δ`` that Flower's ``aggregate_train`` expects. A bad reply is
-  dropped with its reason logged and counted in :attr:`last_rejected`; the round goes on;
+  update Δ (:class:`Decoded`). A bad reply is dropped with its reason logged and counted in
+  :attr:`last_rejected`; the round goes on. The client models ``w_global + Δ`` are combined by
+  their example-weighted mean (Flower FedAvg's arithmetic) and the base strategy steps from it;
 - **robust combination** (optional, ``strategy.aggregator``): the decoded client models are
   combined by a robust rule before the base strategy's step (strategies/robust.py);
 - **state for checkpoints**: :meth:`state_dict` / :meth:`load_state_dict` capture what the
@@ -25,16 +26,28 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from stamen import protocol as P
 from stamen.sketching.codec import Codec, CodecContext, Layout, PayloadError, derive_seed
 
 log = logging.getLogger("stamen.strategy")
+
+
+@dataclass
+class Decoded:
+    """One accepted reply: its partition, node, decoded update Δ (flat fp32) and metrics."""
+
+    pid: int
+    node: int
+    delta: torch.Tensor
+    metrics: dict[str, Any]
 
 
 class _GridView:
@@ -103,24 +116,28 @@ class StamenStrategy:
 
     # -- replies -----------------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        accepted = self.decode_replies(server_round, list(replies))
-        if len(accepted) < self.min_replies:
+        decoded = self.decode_replies(server_round, list(replies))
+        if len(decoded) < self.min_replies:
             log.warning("round %d failed: %d valid replies (%d rejected), fewer than the minimum %d; "
-                        "the global model is unchanged", server_round, len(accepted), len(self.last_rejected),
+                        "the global model is unchanged", server_round, len(decoded), len(self.last_rejected),
                         self.min_replies)
             return None, None
         if self.robust_rule is not None:
             from stamen.strategies.robust import robust_aggregate
 
-            return robust_aggregate(self, server_round, accepted, super().aggregate_train)
-        return super().aggregate_train(server_round, accepted)
+            return robust_aggregate(self, server_round, self.as_messages(decoded), super().aggregate_train)
+        # The example-weighted mean of the client models, computed here as Flower's FedAvg computes it
+        # (Σ w_i·(n_i/Σn) in float32, in partition order), handed to the base strategy as its one reply:
+        # its step (FedAvg: take it; FedAdam, FedAvgM: an optimizer step on it) is unchanged, and no
+        # per-client weights record is built and parsed again.
+        arrays, _ = super().aggregate_train(server_round, [self.mean_message(decoded)])
+        return arrays, self.train_metrics(decoded)
 
-    def decode_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
-        """Validate and decode every reply into plain weights; record the rejected ones."""
+    def decode_replies(self, server_round: int, replies: list[Message]) -> list[Decoded]:
+        """Validate and decode every reply into its update Δ; record the rejected ones."""
         if self._global is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        global_flat = self.layout.flatten(self._global)
-        self.last_rejected, self.last_participants, accepted = [], [], []
+        self.last_rejected, self.last_participants, decoded = [], [], []
         for msg in sorted(replies, key=_reply_order):
             node = msg.metadata.src_node_id
             try:
@@ -131,11 +148,33 @@ class StamenStrategy:
                 log.warning("round %d: rejected reply from node %s: %s", server_round, node, err)
                 self.last_rejected.append((node, str(err)))
                 continue
-            weights = self.layout.unflatten(global_flat + delta)
-            content = RecordDict({P.ARRAYS: P.to_array_record(weights), P.METRICS: MetricRecord(metrics)})
-            accepted.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+            decoded.append(Decoded(pid, node, delta, metrics))
             self.last_participants.append(pid)
-        return accepted
+        return decoded
+
+    def mean_message(self, decoded: list[Decoded]) -> Message:
+        """One reply holding the example-weighted mean of the decoded client models."""
+        g = self.layout.flatten(self._global).numpy()
+        weights = [float(e.metrics[P.NUM_EXAMPLES]) for e in decoded]
+        total = sum(weights)
+        mean = np.zeros_like(g)
+        for e, w in zip(decoded, weights):
+            mean += (g + e.delta.detach().cpu().numpy()) * (w / total)
+        content = RecordDict({P.ARRAYS: P.to_array_record(self.layout.unflatten(torch.from_numpy(mean))),
+                              P.METRICS: MetricRecord({P.NUM_EXAMPLES: total})})
+        return Message(content=content, dst_node_id=decoded[0].node, message_type=MessageType.TRAIN)
+
+    def as_messages(self, decoded: list[Decoded]) -> list[Message]:
+        """The decoded replies as Flower expects them: each client's weights ``w_global + Δ`` and metrics."""
+        g = self.layout.flatten(self._global)
+        return [Message(content=RecordDict({P.ARRAYS: P.to_array_record(self.layout.unflatten(g + e.delta)),
+                                            P.METRICS: MetricRecord(e.metrics)}),
+                        dst_node_id=e.node, message_type=MessageType.TRAIN) for e in decoded]
+
+    def train_metrics(self, decoded: list[Decoded]):
+        """Flower's aggregation of the train metrics (weighted by examples) over every decoded reply."""
+        return self.train_metrics_aggr_fn([RecordDict({P.METRICS: MetricRecord(e.metrics)}) for e in decoded],
+                                          self.weighted_by_key)
 
     def check_reply(self, msg: Message, server_round: int):
         """Return (partition id, decoded Δ, metrics) of a reply, or raise naming the defect."""

@@ -193,14 +193,14 @@ class CurriculumStrategy(StamenStrategy, FedAvg):
             self.selector.update_scores(scores)
 
     # -- stale scores ride on the train replies ----------------------------------------
-    def decode_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+    def decode_replies(self, server_round: int, replies: list[Message]):
         accepted = super().decode_replies(server_round, replies)
         if self._stale and self.selector is not None:
             fresh = {}
-            for pid, msg in zip(self.last_participants, accepted):
-                score = msg.content.metric_records[P.METRICS].get(CLIENT_SCORE)
+            for e in accepted:
+                score = e.metrics.get(CLIENT_SCORE)
                 if score is not None:
-                    fresh[pid] = float(score)
+                    fresh[e.pid] = float(score)
             if fresh:
                 self.selector.update_scores(fresh)
             self.round_cost["score_reports"] = len(fresh)

@@ -65,7 +65,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import MetricRecord, RecordDict
 
 from stamen import protocol as P
 from stamen.config import ConfigError
@@ -360,9 +359,11 @@ class DPFedAvgMixin(PrivateStrategyBase):
             return accepted
         std = self._dp.central_noise_std()
         self._dp.last_noise_std = std
-        scale = len(accepted) / self._dp.denominator()
+        scale = np.float32(len(accepted) / self._dp.denominator())
         noise = self._central_noise(server_round, std)
-        return [self._rescale_and_noise(msg, scale, noise) for msg in accepted]
+        for e in accepted:  # each update becomes scale·Δ + ξ: the uniform mean is then ΣΔ/D + ξ
+            e.delta = (e.delta if scale == 1.0 else e.delta * float(scale)) + noise
+        return accepted
 
     def aggregate_train(self, server_round: int, replies):
         replies = list(replies)
@@ -378,31 +379,15 @@ class DPFedAvgMixin(PrivateStrategyBase):
             # that nobody took part. A server optimizer is bypassed in this rare case.
             log.warning("round %d: empty cohort; releasing the noise-only update", server_round)
             noise = self._central_noise(server_round, self._dp.last_noise_std)
-            arrays = P.to_array_record({k: (v.astype(np.float32) + noise[k]).astype(np.float32)
-                                        for k, v in self._global.items()})
+            arrays = P.to_array_record(self.layout.unflatten(self.layout.flatten(self._global) + noise))
         self.finish_private_round(server_round)
         return arrays, metrics
 
     # -- helpers ---------------------------------------------------------------------------
-    def _central_noise(self, server_round: int, std: float) -> dict[str, np.ndarray]:
-        """ξ ~ N(0, std²·I_d) from the server's private generator, split by the layout."""
+    def _central_noise(self, server_round: int, std: float) -> torch.Tensor:
+        """ξ ~ N(0, std²·I_d) (flat) from the server's private generator."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "dp-central-noise"))
-        flat = torch.randn(self.layout.d, generator=g, dtype=torch.float32).mul_(std)
-        return self.layout.unflatten(flat)
-
-    def _rescale_and_noise(self, msg, scale: float, noise: dict[str, np.ndarray]):
-        """Weights ``w_g + scale·Δ + ξ`` of one accepted reply (Δ = weights − w_g)."""
-        weights = P.from_array_record(msg.content.array_records[P.ARRAYS])
-        out = {}
-        for k, w in weights.items():
-            g = self._global[k].astype(np.float32)
-            w = w.astype(np.float32)
-            moved = w if scale == 1.0 else g + np.float32(scale) * (w - g)
-            out[k] = (moved + noise[k]).astype(np.float32)
-        content = RecordDict({P.ARRAYS: P.to_array_record(out),
-                              P.METRICS: MetricRecord(dict(msg.content.metric_records[P.METRICS]))})
-        msg.content = content
-        return msg
+        return torch.randn(self.layout.d, generator=g, dtype=torch.float32).mul_(std)
 
 
 _PRIVATE_CLASSES: dict[type, type] = {}
