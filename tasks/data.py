@@ -130,7 +130,15 @@ def load_digits_task(task, num_clients: int, seed: int) -> FederatedData:
 def synthetic_fedprox(num_devices: int, alpha: float, beta: float, *, iid: bool, seed: int,
                       max_samples: int, dim: int = 60, num_classes: int = 10
                       ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The FedProx Synthetic(α, β) generator (Li et al., MLSys 2020, §5.1).
+    """The FedProx Synthetic(α, β) devices as a list (see :func:`iter_synthetic_fedprox`)."""
+    return list(iter_synthetic_fedprox(num_devices, alpha, beta, iid=iid, seed=seed, max_samples=max_samples,
+                                       dim=dim, num_classes=num_classes))
+
+
+def iter_synthetic_fedprox(num_devices: int, alpha: float, beta: float, *, iid: bool, seed: int,
+                           max_samples: int, dim: int = 60, num_classes: int = 10):
+    """The FedProx Synthetic(α, β) generator (Li et al., MLSys 2020, §5.1), one device at a time
+    (a consumer that keeps only what it needs holds one device's raw draws at once).
 
     Device k: u_k ~ N(0, α), W_k, b_k with entries ~ N(u_k, 1); B_k ~ N(0, β),
     v_k ∈ R^60 with entries ~ N(B_k, 1); x ~ N(v_k, Σ) with Σ_jj = j^(-1.2);
@@ -142,7 +150,6 @@ def synthetic_fedprox(num_devices: int, alpha: float, beta: float, *, iid: bool,
     sd = np.sqrt(np.arange(1, dim + 1, dtype=np.float64) ** -1.2)
     W_shared = rng.normal(0, 1, (dim, num_classes))
     b_shared = rng.normal(0, 1, num_classes)
-    out = []
     for k in range(num_devices):
         if iid:
             W, b, v = W_shared, b_shared, np.zeros(dim)
@@ -154,8 +161,7 @@ def synthetic_fedprox(num_devices: int, alpha: float, beta: float, *, iid: bool,
             v = rng.normal(B, 1, dim)
         x = v + rng.normal(0, 1, (sizes[k], dim)) * sd
         y = np.argmax(x @ W + b, axis=1)
-        out.append((x.astype(np.float32), y.astype(np.int64)))
-    return out
+        yield x.astype(np.float32), y.astype(np.int64)
 
 
 def _holdout_split(devices, holdout: float, seed: int):
@@ -175,9 +181,9 @@ def _load_synthetic(task, num_clients: int, seed: int, iid: bool) -> FederatedDa
     if task.partition not in ("auto", "natural"):
         raise DataError(f"synthetic data has only the natural partition (one device per client); "
                         f"got task.partition={task.partition!r}")
-    devices = synthetic_fedprox(num_clients, task.synthetic_alpha, task.synthetic_beta, iid=iid, seed=seed,
-                                max_samples=task.max_client_samples)
-    clients, test = _holdout_split(devices, 0.1, seed)
+    devices = iter_synthetic_fedprox(num_clients, task.synthetic_alpha, task.synthetic_beta, iid=iid, seed=seed,
+                                     max_samples=task.max_client_samples)
+    clients, test = _holdout_split(devices, 0.1, seed)  # device by device: no second copy of the raw draws
     name = "synthetic_iid" if iid else f"synthetic({task.synthetic_alpha:g},{task.synthetic_beta:g})"
     lo, hi = float(test[0].min()), float(test[0].max())
     return FederatedData(name, 10, (60,), (lo, hi), clients, test,
