@@ -4,7 +4,7 @@ Flower's simulation engine serves every message with a Ray task and scans every 
 0.1 s polling loops, so one SuperNode per client costs ~15 ms per client update beyond the
 training itself (measured in RESULTS.md, issue 11), and grows with the number of clients N.
 With ``federation.virtual_clients`` (the default of ``stamen run``) the simulation starts K
-carrier SuperNodes instead (``federation.sim_nodes``; 0 = as many as Ray can run at once).
+carrier SuperNodes instead (``federation.sim_nodes``; 0 = twice the actors Ray runs at once).
 :class:`VirtualGrid` shows the server loop and the strategies N virtual nodes, one per
 partition, exactly as one SuperNode per client would; per call it packs the messages for
 the clients hosted by one carrier (``{p : p mod K = k}``) into one Flower message

@@ -47,7 +47,7 @@ class FederationSection(_Section):
     # simulation only: SuperNodes host many clients each, one Flower message per node per call
     # (server/virtual_grid.py); false = one SuperNode per client
     virtual_clients: bool = True
-    sim_nodes: int = Field(0, ge=0)  # carrier SuperNodes with virtual_clients; 0 = as many as Ray runs at once
+    sim_nodes: int = Field(0, ge=0)  # carrier SuperNodes with virtual_clients; 0 = twice the actors Ray runs at once
 
 
 class TaskSection(_Section):

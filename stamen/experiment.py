@@ -24,8 +24,10 @@ def backend_config(cfg: StamenConfig) -> dict[str, Any]:
 
 
 def carrier_count(cfg: StamenConfig, backend: dict[str, Any]) -> int:
-    """SuperNodes to simulate with ``federation.virtual_clients``: ``federation.sim_nodes``, or as many
-    actors as Ray runs at once for ``client_resources`` (Flower's own count; at most N)."""
+    """SuperNodes to simulate with ``federation.virtual_clients``: ``federation.sim_nodes``, or twice the
+    actors Ray runs at once for ``client_resources`` (Flower's own count), at most N. Two packs per
+    actor balance the load: an actor that finishes its pack early takes the next (measured on 2
+    cores, N = 1000: 0.64 s per round with 4 carriers, 0.73 s with 2, 0.76 s with 8)."""
     fed = cfg.federation
     if fed.sim_nodes:
         return min(fed.sim_nodes, fed.clients)
@@ -44,7 +46,7 @@ def carrier_count(cfg: StamenConfig, backend: dict[str, Any]) -> int:
         fit = int(len(os.sched_getaffinity(0)) / fed.client_cpus)
         if fed.client_gpus > 0:
             fit = min(fit, int(torch.cuda.device_count() / fed.client_gpus))
-    return max(1, min(fed.clients, fit))
+    return max(1, min(fed.clients, 2 * fit))
 
 
 def simulate(cfg: StamenConfig, out_dir: str | Path, *, resume: bool = False,
