@@ -15,13 +15,7 @@ CLIP = (0.0, 1.0)
 TOL = 1e-6  # float32 rounding of x + δ − x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These tensors are tiny: intra-op threads only add OpenMP contention (20× slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mlp(generator: torch.Generator, hidden: int = 32) -> nn.Module:

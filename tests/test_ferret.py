@@ -30,13 +30,7 @@ from stamen.sketching.ferret import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: on a busy 2-core machine OpenMP threads only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # numels 30, 8, 16, 3: median 12, limit 10.8 -> every tensor closes the block before it.

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-from _localgrid import LocalGrid
+from _localgrid import LocalGrid, run_capturing_strategy
 from flwr.app import ConfigRecord, Message, RecordDict
 
 import stamen.client.trainers_ferret as CF  # registers DOWNLINKS["ferret"], trainers "steps"/"fedkseed"
@@ -19,8 +18,6 @@ import stamen.strategies.ferret as SF
 from stamen import protocol as P
 from stamen.client.trainers import TrainJob, TrainSettings
 from stamen.config import ConfigError, load
-from stamen.server import loop
-from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
 from stamen.sketching.codec import CodecContext, Layout, PayloadError
 from stamen.sketching.ferret import basis, basis_variance, seed_pool
@@ -31,27 +28,13 @@ BASE = ["federation.clients=6", "federation.fraction_train=0.5", "run.rounds=4",
         "task.hidden=16", "strategy.name=ferret", "strategy.K=32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(tmp_path, name, *overrides, cfg=None, resume=False, grid=None):
     """Run on the in-process grid; return (cfg, run directory, the strategy object, the grid)."""
     cfg = cfg or load(overrides=BASE + list(overrides))
-    grid = grid or LocalGrid(cfg)
-    made = []
-
-    def capture(c):
-        made.append(build_strategy(c))
-        return made[-1]
-
-    with mock.patch.object(loop, "build_strategy", capture):
-        run_federation(grid, cfg, tmp_path / name, resume=resume)
-    return cfg, RunDirectory(tmp_path / name), made[0], grid
+    return (cfg, *run_capturing_strategy(cfg, tmp_path / name, resume=resume, grid=grid))
 
 
 def flat_weights(arrays: dict, layout: Layout) -> torch.Tensor:

@@ -28,12 +28,7 @@ SMALL = ["task.dataset=stdlib", "task.model=gpt", "task.context=32", "task.n_lay
          "federation.clients=5", "task.batch_size=8", "task.local_epochs=1", "task.optimizer=adam", "task.lr=0.003"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

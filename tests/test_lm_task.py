@@ -30,13 +30,7 @@ from stamen.tasks.lm import (
 TINY = GPTConfig(context=32, n_layer=1, n_head=2, n_embd=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: on a busy 2-core machine OpenMP threads only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -82,9 +82,8 @@ def test_fetchsgd_momentum_accumulates():
 # -- the compressed downlinks (catch-up: strategies/catchup.py, client/catchup.py) ---------------------
 
 import logging  # noqa: E402
-from unittest import mock  # noqa: E402
 
-from _localgrid import LocalGrid  # noqa: E402
+from _localgrid import LocalGrid, run_capturing_strategy  # noqa: E402
 from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 
 import stamen.client.trainers_ferret as CF  # noqa: E402
@@ -94,9 +93,6 @@ import stamen.strategies.sketched as SS  # noqa: E402
 from stamen.client.app import DOWNLINKS  # noqa: E402
 from stamen.client.trainers import TrainJob  # noqa: E402
 from stamen.config import load  # noqa: E402
-from stamen.server import loop  # noqa: E402
-from stamen.server.loop import run_federation  # noqa: E402
-from stamen.server.results import RunDirectory  # noqa: E402
 from stamen.strategies.registry import StrategyConfigError, build_strategy  # noqa: E402
 from stamen.tasks.task import load_task  # noqa: E402
 
@@ -110,27 +106,12 @@ DOWN_KEYS = ("downlink_bytes",) + tuple(f"{p}_{m}" for p in ("sketched", "fetchs
     "dense_nodes", "catchup_nodes", "catchup_rounds", "history_rounds", "history_bytes"))
 
 
-@pytest.fixture(scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fl_run(tmp_path, name, *overrides, cfg=None, resume=False, grid=None):
     """Run on the in-process grid; return (cfg, run directory, the strategy object, the grid)."""
     cfg = cfg or load(overrides=FL_BASE + list(overrides))
-    grid = grid or LocalGrid(cfg)
-    made = []
-
-    def capture(c):
-        made.append(build_strategy(c))
-        return made[-1]
-
-    with mock.patch.object(loop, "build_strategy", capture):
-        run_federation(grid, cfg, tmp_path / name, resume=resume)
-    return cfg, RunDirectory(tmp_path / name), made[0], grid
+    return (cfg, *run_capturing_strategy(cfg, tmp_path / name, resume=resume, grid=grid))
 
 
 def without(rows, *keys):
@@ -174,7 +155,7 @@ def test_downlink_option_is_validated(name):
 
 @pytest.mark.parametrize("opts", [SKETCHED_SRHT, SKETCHED_CS, FETCH], ids=["sketched-srht", "sketched-countsketch",
                                                                            "fetchsgd"])
-def test_compressed_downlink_gives_the_dense_run(tmp_path, _one_torch_thread, opts):
+def test_compressed_downlink_gives_the_dense_run(tmp_path, one_torch_thread, opts):
     """Oracle: the same config with the dense downlink. Partial participation: nodes miss rounds and catch up."""
     _, a, s, grid = fl_run(tmp_path, "compressed", *opts)
     _, b, _, _ = fl_run(tmp_path, "dense", *opts, "strategy.downlink=dense")
@@ -207,7 +188,7 @@ def test_compressed_downlink_gives_the_dense_run(tmp_path, _one_torch_thread, op
       "compression.rows=3"], lambda d: 4 * 3 * max(1, round(0.02 * d))),  # rows × s fp32 buckets
     (["strategy.name=fetchsgd", "strategy.k=100", "strategy.ratio=0.2"], lambda d: 100 * (4 + 4)),  # int32 + fp32
 ], ids=["srht", "countsketch", "fetchsgd"])
-def test_downlink_bytes_shrink_by_the_payload_ratio(tmp_path, _one_torch_thread, opts, payload_bytes):
+def test_downlink_bytes_shrink_by_the_payload_ratio(tmp_path, one_torch_thread, opts, payload_bytes):
     """Full participation: round 1 is dense for everyone, later rounds carry one round's update per node."""
     n = 4
     over = ["federation.clients=4", "federation.fraction_train=1.0", "run.rounds=3", *opts]
@@ -251,7 +232,7 @@ class StateLosingGrid(LocalGrid):
 
 
 @pytest.mark.parametrize("opts", [SKETCHED_SRHT, FETCH], ids=["sketched", "fetchsgd"])
-def test_lost_state_and_a_bad_copy_fail_cleanly_then_get_dense_weights(tmp_path, _one_torch_thread, caplog, opts):
+def test_lost_state_and_a_bad_copy_fail_cleanly_then_get_dense_weights(tmp_path, one_torch_thread, caplog, opts):
     cfg = load(overrides=FL_BASE + ["federation.fraction_train=1.0", "run.rounds=4", *opts])
     client = CS.SKETCHED if opts is SKETCHED_SRHT else CS.FETCHSGD
     grid = StateLosingGrid(cfg, client, at=3, wipe=1000, corrupt=1007)
@@ -300,7 +281,7 @@ def test_client_refuses_a_sketch_catch_up_it_cannot_apply():
 
 
 @pytest.mark.parametrize("opts", [SKETCHED_SRHT, FETCH], ids=["sketched", "fetchsgd"])
-def test_resume_equals_uninterrupted(tmp_path, _one_torch_thread, opts):
+def test_resume_equals_uninterrupted(tmp_path, one_torch_thread, opts):
     _, full, _, _ = fl_run(tmp_path, "full", *opts, "run.rounds=5")
     _, part, s2, _ = fl_run(tmp_path, "part", *opts, "run.rounds=2")
     state = part.load_checkpoint()["strategy"]
