@@ -31,7 +31,7 @@ from torch import nn
 from stamen import protocol as P
 from stamen.client.app import DOWNLINKS
 from stamen.client.catchup import CatchUpClient
-from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches, make_optimizer, register_trainer
+from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches, register_trainer, run_local_steps
 from stamen.sketching.codec import CodecContext, PayloadError, derive_seed, register_codec
 from stamen.sketching.ferret import FerretCodec, basis, basis_variance, seed_pool
 
@@ -87,20 +87,7 @@ def train_steps(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainSettings
     steps = int(job.options[LOCAL_STEPS])
     if steps < 1:
         raise ValueError(f"trainer 'steps' needs {LOCAL_STEPS} >= 1, got {steps}")
-    model.train()
-    model.to(s.device)
-    Xt, yt = torch.as_tensor(X, device=s.device), torch.as_tensor(y, device=s.device)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], s)
-    total, count = 0.0, 0
-    for idx in step_batches(len(yt), s.batch_size, steps, generator):
-        idx = idx.to(s.device)
-        loss = nn.functional.cross_entropy(model(Xt[idx]), yt[idx])
-        total += float(loss.detach()) * len(idx)
-        count += len(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return total / max(1, count), steps
+    return run_local_steps(model, X, y, s, step_batches(len(y), s.batch_size, steps, generator))
 
 
 # -- FedKSeed: zeroth-order steps along seeded directions -------------------------------------------
