@@ -40,6 +40,7 @@ class _Worker:
 
 
 _WORKERS: dict[str, _Worker] = {}
+_LAST_WORKER: list[_Worker | None] = [None]
 
 
 def resolve_device(requested: str) -> str:
@@ -51,7 +52,7 @@ def resolve_device(requested: str) -> str:
 
 
 def _worker(cfg: StamenConfig) -> _Worker:
-    last = _WORKERS.get("last")
+    last = _LAST_WORKER[0]
     if last is not None and last.cfg is cfg:  # the same config object as the previous message: no re-keying
         return last
     key = cfg.to_json()
@@ -62,7 +63,7 @@ def _worker(cfg: StamenConfig) -> _Worker:
         device = resolve_device(cfg.run.device)
         _WORKERS.clear()
         _WORKERS[key] = _Worker(cfg, task, task.new_model().to(device), device)
-    _WORKERS["last"] = _WORKERS[key]
+    _LAST_WORKER[0] = _WORKERS[key]
     return _WORKERS[key]
 
 

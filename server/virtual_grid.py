@@ -1,8 +1,8 @@
 """A Grid of one virtual node per client over a few simulated SuperNodes (carriers).
 
 Flower's simulation engine serves every message with a Ray task and scans every node in
-0.1 s polling loops, so one SuperNode per client costs ~15 ms per client update beyond the
-training itself (measured in RESULTS.md, issue 11), and grows with the number of clients N.
+0.1 s polling loops, so one SuperNode per client costs ~10 ms per client update beyond the
+training itself (RESULTS.md, issue 11), and grows with the number of clients N.
 With ``federation.virtual_clients`` (the default of ``stamen run``) the simulation starts K
 carrier SuperNodes instead (``federation.sim_nodes``; 0 = twice the actors Ray runs at once).
 :class:`VirtualGrid` shows the server loop and the strategies N virtual nodes, one per

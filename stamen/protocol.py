@@ -14,6 +14,8 @@ same way in simulation and deployment.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -69,8 +71,6 @@ PACK_ACTION = "stamen_pack"  # message type of a pack: "<train|evaluate|query>.s
 
 
 def pack_messages(messages: list[Message], partitions: list[int], deadline_s: float | None) -> RecordDict:
-    import json
-
     records: dict[str, object] = {}
     keys: dict[int, str] = {}
     entries = []
@@ -90,8 +90,6 @@ def pack_messages(messages: list[Message], partitions: list[int], deadline_s: fl
 
 def unpack_messages(content: RecordDict) -> tuple[list[dict], float | None]:
     """The entries of a pack (``node``, ``partition``, ``type``, ``content``) and its per-client deadline."""
-    import json
-
     try:
         index = json.loads(str(content.config_records[PACK]["index"]))
         entries = index["entries"]
@@ -104,8 +102,6 @@ def unpack_messages(content: RecordDict) -> tuple[list[dict], float | None]:
 
 def pack_replies(replies: list[Message | None]) -> RecordDict:
     """One reply pack for a carrier's replies (None: the client missed the deadline)."""
-    import json
-
     records: dict[str, object] = {}
     index = []
     for reply in replies:
@@ -124,8 +120,6 @@ def pack_replies(replies: list[Message | None]) -> RecordDict:
 
 def unpack_replies(content: RecordDict) -> list[RecordDict | tuple[int, str] | None]:
     """Per client, in pack order: its reply content, or ``(error code, reason)``, or None (late)."""
-    import json
-
     try:
         out: list[RecordDict | tuple[int, str] | None] = []
         for e in json.loads(str(content.config_records[PACK]["index"])):
