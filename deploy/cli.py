@@ -123,27 +123,65 @@ def _exec(argv: list[str], dry_run: bool) -> None:
 
 @deploy_app.command()
 def superlink(
-    certs_dir: Optional[Path] = typer.Option(None, "--certs", help="Directory made by `stamen deploy certs`."),
-    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication."),
-    no_node_auth: bool = typer.Option(False, "--no-node-auth", help="TLS but accept any SuperNode."),
-    fleet_address: str = typer.Option("0.0.0.0:9092", "--fleet-address", help="Fleet API bind address (SuperNodes)."),
-    host: str = typer.Option("0.0.0.0", "--host", help="Control/Runtime API bind host (flwr CLI)."),
+    certs_dir: Optional[Path] = typer.Option(None, "--certs", help="Directory made by `stamen deploy certs` "
+                                             "(TLS + SuperNode authentication)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication. Needed explicitly to "
+                                  "bind a non-loopback address without TLS and node authentication (prints a warning)."),
+    no_node_auth: bool = typer.Option(False, "--no-node-auth", help="TLS but accept any SuperNode (loopback binds only)."),
+    fleet_address: str = typer.Option("127.0.0.1:9092", "--fleet-address",
+                                      help="Fleet API bind address (SuperNodes connect here). Default: loopback only; "
+                                      "give e.g. 0.0.0.0:9092 or the interface's address for SuperNodes on other "
+                                      "machines."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Control/Runtime API bind host (flwr CLI, the ServerApp's "
+                             "SuperExec). Default: loopback only — reach it over an SSH tunnel, or give an address."),
     port: int = typer.Option(8000, "--port", help="Control/Runtime API port."),
     isolation: str = typer.Option("subprocess", "--isolation", help="subprocess: start the ServerApp itself; "
                                   "process: an external `flower-superexec` does."),
     database: Optional[str] = typer.Option(None, "--database", help="State file (registered keys survive restarts)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command instead of running it."),
 ) -> None:
-    """Start a SuperLink (exec flower-superlink with Stamen's flags)."""
+    """Start a SuperLink (exec flower-superlink with Stamen's flags). Binds loopback unless told otherwise."""
     from stamen.deploy import spec
     from stamen.deploy.certs import CertPaths
 
+    exposed = spec.exposed_binds(fleet_address, host)
+    shown = [f"{opt} {exposed[k]}" for k, opt in (("fleet", "--fleet-address"), ("control", "--host")) if k in exposed]
+    where = f"{' and '.join(shown)} {'are not loopback addresses' if len(shown) > 1 else 'is not a loopback address'}"
+    if insecure and certs_dir is not None:
+        raise typer.BadParameter("--insecure turns TLS off, --certs DIR turns it on: give one of them")
     if insecure:
+        if exposed:
+            consequences = []
+            if "fleet" in exposed:
+                consequences.append("Anyone who reaches the Fleet API can join as a SuperNode, and anyone on the "
+                                    "path can read or alter model updates.")
+            if "control" in exposed:
+                consequences.append("Anyone who reaches the Control API can start runs, i.e. run their own code on "
+                                    "this machine and on every SuperNode.")
+            typer.echo(f"WARNING: {where} and --insecure is set: this federation is OPEN to that network — plain "
+                       f"text (no TLS), no SuperNode authentication. {' '.join(consequences)}", err=True)
         args = spec.superlink_args(ca=None, node_auth=False, fleet_address=fleet_address, host=host, port=port,
-                                   isolation=isolation, database=database)
+                                   isolation=isolation, database=database, open_ok=True)
     else:
         if certs_dir is None:
+            if exposed:
+                raise typer.BadParameter(
+                    f"{where}, and a SuperLink reachable from the network "
+                    "needs TLS and SuperNode authentication: add --certs DIR (from `stamen deploy certs --nodes N`; "
+                    "register each SuperNode's .pub key with `flwr supernode register`), or add --insecure to run "
+                    "an open federation (plain text, no node authentication) deliberately.")
             raise typer.BadParameter("give --certs DIR (or --insecure)")
+        if no_node_auth and exposed:
+            raise typer.BadParameter(
+                f"{where}, and --no-node-auth would let any client that "
+                "trusts the CA join the federation: drop --no-node-auth and register each SuperNode's .pub key "
+                "(`flwr supernode register`), or run an open federation deliberately with --insecure instead of "
+                "--certs (plain text, no node authentication).")
+        if "control" in exposed:  # TLS + node auth guard the Fleet API; the Control API has no accounts
+            typer.echo(f"WARNING: --host {host} is not loopback: the Control API has no user accounts in open-source "
+                       "Flower — whoever reaches it can register SuperNode keys and start runs (run their own code on "
+                       "this machine and on every SuperNode). Keep it on the operator's network, or bind loopback and "
+                       "use an SSH tunnel.", err=True)
         c = CertPaths(certs_dir.resolve())
         args = spec.superlink_args(ca=c.ca_cert, cert=c.server_cert, key=c.server_key, node_auth=not no_node_auth,
                                    fleet_address=fleet_address, host=host, port=port, isolation=isolation,
@@ -169,6 +207,10 @@ def supernode(
 
     runtime_port = port if port is not None else spec.SUPERNODE_PORT + partition_id
     if insecure:
+        if not spec.is_loopback(spec.address_host(superlink_address)):
+            typer.echo(f"WARNING: --insecure SuperNode dialling {superlink_address}, which is not loopback: its "
+                       "updates cross the network in plain text (no TLS) and the SuperLink does not authenticate "
+                       "it.", err=True)
         args = spec.supernode_args(partition_id, num_partitions, superlink=superlink_address, ca=None,
                                    port=runtime_port, isolation=isolation)
     else:
@@ -183,7 +225,8 @@ def supernode(
 
 @deploy_app.command("flwr-home")
 def flwr_home(
-    superlink_address: str = typer.Option(..., "--superlink", help="SuperLink Control API, host:8000."),
+    superlink_address: str = typer.Option(..., "--superlink", help="SuperLink Control API, host:8000 (127.0.0.1:8000 "
+                                          "through an SSH tunnel or port-forward: it binds loopback by default)."),
     ca: Optional[Path] = typer.Option(None, "--ca", help="Root certificate (ca.crt)."),
     insecure: bool = typer.Option(False, "--insecure"),
     out: Path = typer.Option(..., "--out", "-o", help="The FLWR_HOME directory to write config.toml into."),
@@ -193,6 +236,9 @@ def flwr_home(
 
     if not insecure and ca is None:
         raise typer.BadParameter("give --ca ca.crt (or --insecure)")
+    if insecure and not spec.is_loopback(spec.address_host(superlink_address)):
+        typer.echo(f"WARNING: --insecure connection to {superlink_address}, which is not loopback: flwr commands "
+                   "and apps travel in plain text (no TLS), and the server is not verified.", err=True)
     home = spec.write_flwr_home(out, superlink_address, ca=None if insecure else ca)
     typer.echo(f"wrote {home / 'config.toml'}; use: FLWR_HOME={home} flwr … {spec.CONNECTION}")
 

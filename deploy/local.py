@@ -49,11 +49,13 @@ class Placement:
     """Where each process runs and which address it dials (default: everything on loopback).
 
     ``superlink_ns`` / ``node_ns[i]``: network namespace (None: this one). ``node_dial[i]``: the
-    SuperLink IP that node i connects to. ``fleet_bind``: the Fleet API bind address.
+    SuperLink IP that node i connects to. ``fleet_bind``: the Fleet API bind host (loopback unless a
+    placement says otherwise; a non-loopback one needs TLS and node authentication — see
+    :func:`stamen.deploy.spec.superlink_args`). The Control API always binds loopback.
     """
 
     superlink_ns: str | None = None
-    fleet_bind: str = "127.0.0.1"
+    fleet_bind: str = spec.LOOPBACK
     node_ns: list[str | None] = field(default_factory=list)
     node_dial: list[str] = field(default_factory=list)
     cert_ips: list[str] = field(default_factory=list)
@@ -175,7 +177,7 @@ class LocalFederation:
         return ["flower-superlink", *spec.superlink_args(
             ca=c.ca_cert if c else None, cert=c.server_cert if c else None, key=c.server_key if c else None,
             node_auth=self.node_auth, fleet_address=f"{self.placement.fleet_bind}:{self.fleet_port}",
-            host="127.0.0.1", port=self.control_port, isolation=self.isolation)]
+            host=spec.LOOPBACK, port=self.control_port, isolation=self.isolation)]
 
     def start_superlink(self) -> None:
         self.procs.start("superlink", self.superlink_argv(), env=self._home("superlink"),

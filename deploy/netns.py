@@ -8,6 +8,12 @@ Topology (node i gets its own point-to-point link; nothing touches this machine'
 The SuperLink binds its Fleet API on 0.0.0.0 inside its namespace; SuperNode i dials
 10.200.<i>.1, so every update crosses a real (virtual) link between network stacks. The
 server certificate lists all 10.200.<i>.1 addresses as SANs.
+
+That 0.0.0.0 is a deliberate, namespace-internal bind, not a default: Flower's Fleet API takes
+one address and the SuperLink's namespace has one veth per SuperNode, so it must listen on all of
+them; the namespace has nothing but ``lo`` and those veths (no route to this machine's networks),
+and the federation runs TLS with node authentication (``superlink_args`` refuses it otherwise).
+The Control API stays on the namespace's loopback, where the ``flwr`` CLI runs.
 """
 
 from __future__ import annotations

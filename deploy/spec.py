@@ -17,10 +17,16 @@ With ``--isolation subprocess`` (the default, used by ``stamen deploy local``) t
 each SuperNode start their SuperExec themselves; with ``--isolation process`` (compose, k8s) the
 SuperExec runs in its own container, built from the Stamen image, next to Flower's official
 ``flwr/superlink`` / ``flwr/supernode`` containers.
+
+Closed by default: every API binds loopback (:data:`LOOPBACK`) unless an address is given, and
+:func:`superlink_args` refuses a non-loopback bind without TLS and SuperNode authentication
+unless the caller opts in explicitly (``open_ok``; ``stamen deploy superlink --insecure``).
+:func:`is_loopback` is the one rule for what counts as loopback.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,8 @@ STAMEN_IMAGE = "stamen:0.1.0"
 
 FLEET_PORT = 9092  #: SuperLink Fleet API (gRPC-rere): SuperNodes connect here; model updates travel here
 CONTROL_PORT = 8000  #: SuperLink HTTP(S) API: Control (``flwr`` CLI) and Runtime (ServerApp SuperExec)
+#: the default bind host of every API: nothing is reachable from another machine unless an address is given
+LOOPBACK = "127.0.0.1"
 SUPERNODE_PORT = 9094  #: SuperNode Runtime API (its ClientApp SuperExec); each SuperNode on a host needs its own
 RAY_PORT = 6379  #: Ray head (GCS) port for simulations on a Ray cluster (``federation.ray_address``)
 
@@ -54,15 +62,71 @@ def _p(path: str | os.PathLike) -> str:
     return str(path)
 
 
+def address_host(address: str) -> str:
+    """The host part of a ``host:port`` bind address, as Flower splits it (``[::1]:9092`` → ``::1``).
+
+    The port is what follows the last ``:``; brackets around an IPv6 host are dropped. A value
+    without ``:`` is returned unchanged (a bare host name or IPv4 address).
+    """
+    if ":" not in address:
+        return address.strip()
+    host = address.rpartition(":")[0].strip()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a service on this machine: 127.0.0.0/8, ``::1`` (also as
+    ``::ffff:127.x.y.z``) or the name ``localhost``.
+
+    Everything else counts as reachable from the network: ``0.0.0.0`` / ``::`` / ``""`` (every
+    interface), LAN and public addresses, and any other host name (its resolution is not ours to
+    trust). ``host`` is a host, not ``host:port`` — see :func:`address_host`.
+    """
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def exposed_binds(fleet_address: str, host: str) -> dict[str, str]:
+    """The SuperLink's non-loopback binds: ``{"fleet": fleet_address, "control": host}``, loopback ones left out."""
+    out = {}
+    if not is_loopback(address_host(fleet_address)):
+        out["fleet"] = fleet_address
+    if not is_loopback(host):
+        out["control"] = host
+    return out
+
+
+class OpenBindError(ValueError):
+    """A SuperLink would listen beyond loopback without TLS and SuperNode authentication."""
+
+
 def superlink_args(*, ca: str | os.PathLike | None, cert: str | os.PathLike | None = None,
                    key: str | os.PathLike | None = None, node_auth: bool = True,
-                   fleet_address: str = f"0.0.0.0:{FLEET_PORT}", host: str = "0.0.0.0", port: int = CONTROL_PORT,
-                   isolation: str = "subprocess", database: str | None = None) -> list[str]:
+                   fleet_address: str = f"{LOOPBACK}:{FLEET_PORT}", host: str = LOOPBACK, port: int = CONTROL_PORT,
+                   isolation: str = "subprocess", database: str | None = None, open_ok: bool = False) -> list[str]:
     """Arguments of ``flower-superlink`` (the official image's entrypoint).
 
     ``ca=None`` means ``--insecure`` (plain text, no node authentication possible). ``host``/``port``
-    is where the Control API (``flwr``) and the Runtime API (the ServerApp's SuperExec) listen.
+    is where the Control API (``flwr``) and the Runtime API (the ServerApp's SuperExec) listen;
+    ``fleet_address`` is where SuperNodes connect. Both default to loopback. A non-loopback bind
+    without TLS *and* node authentication raises :class:`OpenBindError` unless ``open_ok`` (the
+    caller's explicit ``--insecure``).
     """
+    exposed = exposed_binds(fleet_address, host)
+    if exposed and (ca is None or not node_auth) and not open_ok:
+        what = "no TLS and no SuperNode authentication" if ca is None else "no SuperNode authentication"
+        raise OpenBindError(f"the SuperLink would listen on {', '.join(exposed.values())} (not loopback) with {what}; "
+                            "give TLS certificates with node authentication, bind loopback, or opt in explicitly")
     args: list[str] = []
     if ca is None:
         if node_auth:

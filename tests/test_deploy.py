@@ -130,16 +130,25 @@ def _referenced_cert_files(args) -> set[str]:
     return {a for a in args if a.startswith(CERTS + "/")}
 
 
+def _flag(args: list[str], flag: str) -> str:
+    (i,) = [i for i, a in enumerate(args) if a == flag]
+    return args[i + 1]
+
+
 def test_compose_uses_the_spec():
     svc = _compose()["services"]
     ca, env = f"{CERTS}/ca.crt", spec.FLOWER_ENV
 
     sl = svc["superlink"]
     assert sl["image"] == spec.SUPERLINK_IMAGE
+    # the Fleet API listens on the container's interfaces (TLS + node auth); the Control API on its loopback
     assert sl["command"] == spec.superlink_args(
         ca=ca, cert=f"{CERTS}/server.pem", key=f"{CERTS}/server.key", node_auth=True,
-        fleet_address=f"0.0.0.0:{spec.FLEET_PORT}", host="0.0.0.0", port=spec.CONTROL_PORT, isolation="process")
-    assert {f"{spec.FLEET_PORT}:{spec.FLEET_PORT}", f"{spec.CONTROL_PORT}:{spec.CONTROL_PORT}"} == set(sl["ports"])
+        fleet_address=f"0.0.0.0:{spec.FLEET_PORT}", port=spec.CONTROL_PORT, isolation="process")
+    assert _flag(sl["command"], "--host") == "127.0.0.1"
+    # only the Fleet port is published, nothing else (the Control API is reached from inside `serverapp`)
+    assert sl["ports"] == [f"{spec.FLEET_PORT}:{spec.FLEET_PORT}"]
+    assert [name for name, s in svc.items() if s.get("ports") or s.get("expose")] == ["superlink"]
 
     server = svc["serverapp"]
     assert server["image"] == spec.STAMEN_IMAGE and server["entrypoint"] == ["flower-superexec"]
@@ -180,16 +189,23 @@ def test_kubernetes_manifests_use_the_spec():
     ca = f"{CERTS}/ca.crt"
     docs = {(d["kind"], d["metadata"]["name"]): d for f in ("superlink.yaml", "supernodes.yaml") for d in _k8s(f)}
     svc = docs[("Service", "superlink")]
-    assert {p["port"] for p in svc["spec"]["ports"]} == {spec.FLEET_PORT, spec.CONTROL_PORT}
+    # the Fleet API only, cluster-internal; the Control API has no Service (Pod loopback, kubectl port-forward)
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(spec.FLEET_PORT, spec.FLEET_PORT)]
+    for doc in docs.values():
+        if doc["kind"] == "Service":
+            assert spec.CONTROL_PORT not in {p.get("port") for p in doc["spec"]["ports"]}, doc["metadata"]["name"]
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", doc["metadata"]["name"]
 
     pod = docs[("Deployment", "superlink")]["spec"]["template"]["spec"]
     c = {x["name"]: x for x in pod["containers"]}
     assert c["superlink"]["image"] == spec.SUPERLINK_IMAGE
     assert c["superlink"]["args"] == spec.superlink_args(
         ca=ca, cert=f"{CERTS}/server.pem", key=f"{CERTS}/server.key", node_auth=True,
-        fleet_address=f"0.0.0.0:{spec.FLEET_PORT}", host="0.0.0.0", port=spec.CONTROL_PORT, isolation="process",
+        fleet_address=f"0.0.0.0:{spec.FLEET_PORT}", port=spec.CONTROL_PORT, isolation="process",
         database="/app/state/superlink.db")
-    assert {p["containerPort"] for p in c["superlink"]["ports"]} == {spec.FLEET_PORT, spec.CONTROL_PORT}
+    assert _flag(c["superlink"]["args"], "--host") == "127.0.0.1"
+    assert {p["containerPort"] for p in c["superlink"]["ports"]} == {spec.FLEET_PORT}
     assert c["serverapp"]["image"] == spec.STAMEN_IMAGE and c["serverapp"]["command"] == ["flower-superexec"]
     assert c["serverapp"]["args"] == spec.superexec_args(f"127.0.0.1:{spec.CONTROL_PORT}", ca=ca)
     assert pod["securityContext"]["fsGroup"] == spec.FLOWER_IMAGE_UID
@@ -255,6 +271,146 @@ def test_spec_flags_exist_in_the_installed_flower_clis():
         help_text = subprocess.run([_exe(cli), "--help"], capture_output=True, text=True, timeout=120).stdout
         for flag in {a for a in args if a.startswith("--")}:
             assert re.search(rf"(^|\s|\[){re.escape(flag)}(\s|$|\]|,)", help_text), f"{cli} has no {flag}"
+
+
+# -- closed by default: loopback binds, explicit --insecure ------------------------------------
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.3.2.1", True), ("127.255.255.254", True), ("::1", True), ("[::1]", True),
+    ("0:0:0:0:0:0:0:1", True), ("::ffff:127.0.0.1", True), ("localhost", True), ("LOCALHOST", True),
+    ("localhost.", True), (" 127.0.0.1 ", True),
+    ("0.0.0.0", False), ("::", False), ("[::]", False), ("", False), ("*", False),
+    ("10.0.0.5", False), ("192.168.1.20", False), ("172.16.0.1", False), ("10.200.0.1", False),
+    ("203.0.113.10", False), ("128.0.0.1", False), ("fe80::1", False), ("fe80::1%eth0", False), ("::2", False),
+    ("::ffff:10.0.0.1", False), ("superlink", False), ("superlink.example.org", False), ("localhost.example.org", False),
+    ("my-localhost", False), ("127.0.0.1.nip.io", False), ("127.1", False),
+])
+def test_address_classifier(host, loopback):
+    assert spec.is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("address, host", [
+    ("127.0.0.1:9092", "127.0.0.1"), ("0.0.0.0:9092", "0.0.0.0"), ("[::1]:9092", "::1"), ("[::]:9092", "::"),
+    ("localhost:9092", "localhost"), ("superlink:9092", "superlink"), (":9092", ""), ("127.0.0.1", "127.0.0.1"),
+])
+def test_address_host_splits_like_flower(address, host):
+    from flwr.supercore.address import parse_address
+
+    assert spec.address_host(address) == host
+    if ":" in address and not address.startswith(":"):
+        assert parse_address(address)[0] == host  # the host Flower itself will bind
+
+
+def test_every_launcher_binds_loopback_by_default(tmp_path):
+    from stamen.deploy.local import LocalFederation, Placement
+
+    args = spec.superlink_args(ca="/c/ca.crt", cert="/c/s.pem", key="/c/s.key")
+    assert _flag(args, "--fleet-api-address") == f"127.0.0.1:{spec.FLEET_PORT}" and _flag(args, "--host") == "127.0.0.1"
+    args = spec.superlink_args(ca=None, node_auth=False)
+    assert _flag(args, "--fleet-api-address") == f"127.0.0.1:{spec.FLEET_PORT}" and _flag(args, "--host") == "127.0.0.1"
+    assert _flag(spec.supernode_args(0, 2, superlink="h:9092", ca=None), "--host") == "127.0.0.1"
+    fed = LocalFederation(2, tmp_path / "fed", tls=False, node_auth=False)  # nothing started
+    argv = fed.superlink_argv()
+    assert _flag(argv, "--fleet-api-address") == f"127.0.0.1:{fed.fleet_port}" and _flag(argv, "--host") == "127.0.0.1"
+    # a placement that binds beyond loopback without TLS + node auth is refused before anything starts
+    fed = LocalFederation(2, tmp_path / "open", tls=False, node_auth=False, placement=Placement(fleet_bind="0.0.0.0"))
+    with pytest.raises(spec.OpenBindError, match="0.0.0.0"):
+        fed.superlink_argv()
+
+
+def test_superlink_args_refuse_open_binds_without_tls_and_node_auth():
+    tls = dict(ca="/c/ca.crt", cert="/c/s.pem", key="/c/s.key")
+    for binds in (dict(fleet_address="0.0.0.0:9092"), dict(host="0.0.0.0"), dict(fleet_address="[::]:9092"),
+                  dict(host="192.168.1.20"), dict(fleet_address="superlink:9092")):
+        with pytest.raises(spec.OpenBindError, match="not loopback"):
+            spec.superlink_args(ca=None, node_auth=False, **binds)
+        with pytest.raises(spec.OpenBindError, match="no SuperNode authentication"):
+            spec.superlink_args(**tls, node_auth=False, **binds)
+        assert "--insecure" in spec.superlink_args(ca=None, node_auth=False, open_ok=True, **binds)
+        assert "--enable-supernode-auth" in spec.superlink_args(**tls, **binds)  # TLS + node auth: allowed
+    for binds in (dict(fleet_address="localhost:9092"), dict(fleet_address="[::1]:9092", host="::1"),
+                  dict(host="127.0.0.2")):
+        assert "--insecure" in spec.superlink_args(ca=None, node_auth=False, **binds)
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from stamen.deploy.cli import deploy_app
+
+    res = CliRunner().invoke(deploy_app, list(args))
+    flat = lambda text: " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())  # rich's error panel, unwrapped
+    return res, flat(res.stdout), flat(res.stderr)
+
+
+def _dry_run_argv(stdout: str) -> list[str]:
+    return shlex.split(stdout)
+
+
+def test_stamen_deploy_superlink_binds_loopback_by_default(tmp_path):
+    paths = make_certificates(tmp_path / "certs", nodes=1)
+    for extra in (["--insecure"], ["--certs", str(paths.ca_cert.parent)],
+                  ["--certs", str(paths.ca_cert.parent), "--no-node-auth"]):
+        res, out, err = _cli("superlink", "--dry-run", *extra)
+        assert res.exit_code == 0, err
+        argv = _dry_run_argv(out)
+        assert argv[0] == "flower-superlink"
+        assert _flag(argv, "--fleet-api-address") == "127.0.0.1:9092" and _flag(argv, "--host") == "127.0.0.1"
+        assert "WARNING" not in err
+    res, out, err = _cli("superlink", "--help")
+    assert out.count("Default: loopback only") == 2  # --fleet-address and --host say so
+
+
+def test_stamen_deploy_superlink_refuses_an_open_bind_without_insecure(tmp_path):
+    certs = str(make_certificates(tmp_path / "certs", nodes=1).ca_cert.parent)
+    for binds in (["--host", "0.0.0.0"], ["--fleet-address", "0.0.0.0:9092"], ["--fleet-address", "10.0.0.5:9092"],
+                  ["--fleet-address", "[::]:9092", "--host", "192.168.1.20"]):
+        res, out, err = _cli("superlink", "--dry-run", *binds)  # neither TLS nor --insecure
+        assert res.exit_code == 2 and not out, out
+        assert "not a loopback address" in err or "not loopback addresses" in err, err
+        assert binds[-1] in err
+        assert "add --certs DIR" in err and "flwr supernode register" in err and "add --insecure" in err, err
+        res, out, err = _cli("superlink", "--dry-run", "--certs", certs, "--no-node-auth", *binds)  # TLS, no node auth
+        assert res.exit_code == 2 and not out, out
+        assert "drop --no-node-auth" in err and "--insecure" in err, err
+    # --insecure and --certs contradict each other
+    res, out, err = _cli("superlink", "--dry-run", "--insecure", "--certs", certs)
+    assert res.exit_code == 2 and "give one of them" in err
+
+
+def test_stamen_deploy_superlink_warns_when_insecure_is_explicit_on_the_network(tmp_path):
+    res, out, err = _cli("superlink", "--dry-run", "--insecure", "--fleet-address", "0.0.0.0:9092")
+    assert res.exit_code == 0, err
+    argv = _dry_run_argv(out)
+    assert "--insecure" in argv and _flag(argv, "--fleet-api-address") == "0.0.0.0:9092"
+    assert _flag(argv, "--host") == "127.0.0.1"
+    assert err.startswith("WARNING: --fleet-address 0.0.0.0:9092 is not a loopback address and --insecure is set")
+    assert "OPEN to that network" in err and "plain text (no TLS), no SuperNode authentication" in err
+    assert "join as a SuperNode" in err and "Control API" not in err  # the Control API stayed on loopback
+    res, out, err = _cli("superlink", "--dry-run", "--insecure", "--host", "10.0.0.5")
+    assert res.exit_code == 0 and "OPEN to that network" in err and "start runs" in err
+    # TLS + node auth on the network: allowed; only the Control API's missing accounts are pointed out
+    certs = str(make_certificates(tmp_path / "certs", nodes=1).ca_cert.parent)
+    res, out, err = _cli("superlink", "--dry-run", "--certs", certs, "--fleet-address", "0.0.0.0:9092")
+    assert res.exit_code == 0 and err == "", err
+    assert "--enable-supernode-auth" in _dry_run_argv(out)
+    res, out, err = _cli("superlink", "--dry-run", "--certs", certs, "--host", "0.0.0.0")
+    assert res.exit_code == 0 and "WARNING: --host 0.0.0.0 is not loopback" in err and "no user accounts" in err
+    # SuperNodes and flwr connections: --insecure across the network is allowed, and says so
+    res, out, err = _cli("supernode", "-i", "0", "-n", "2", "--superlink", "10.0.0.5:9092", "--insecure", "--dry-run")
+    assert res.exit_code == 0 and "WARNING" in err and "plain text" in err
+    res, out, err = _cli("supernode", "-i", "0", "-n", "2", "--superlink", "127.0.0.1:9092", "--insecure", "--dry-run")
+    assert res.exit_code == 0 and err == ""
+    res, out, err = _cli("flwr-home", "--superlink", "10.0.0.5:8000", "--insecure", "--out", str(tmp_path / "h"))
+    assert res.exit_code == 0 and "WARNING" in err and "plain text" in err
+
+
+def test_the_stamen_cli_refuses_with_exit_code_2():
+    from typer.testing import CliRunner
+
+    from stamen.cli import app
+
+    res = CliRunner().invoke(app, ["deploy", "superlink", "--dry-run", "--host", "0.0.0.0"])
+    assert res.exit_code == 2 and "--insecure" in res.stderr
 
 
 # -- helpers: proxy and process cleanup -------------------------------------------------------
