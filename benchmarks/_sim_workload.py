@@ -6,7 +6,7 @@ loop, pfl and Stamen train the same clients on the same batches and their accura
 ``tests/test_sim_throughput.py`` checks each one against Stamen's own function:
 
 - :func:`derive_seed` = ``stamen.sketching.codec.derive_seed``;
-- :func:`cohort` = ``StamenStrategy.sample_partitions`` (which partitions train in a round);
+- :func:`cohort` = ``stamen.strategies.sampling.seeded_sample`` (which partitions train in a round);
 - :func:`batch_order` = the permutation of ``stamen.client.trainers.epoch_batches`` for one epoch;
 - :class:`MLP` has the parameter names of ``stamen.tasks.models.MLP`` (the initial weights
   are Stamen's, stored in the workload file), :func:`local_train` is the loop of

@@ -44,13 +44,14 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
 import stamen.client.trainers_ferret  # noqa: F401  (registers DOWNLINKS["ferret"], the trainers)
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import train as T
 from stamen.client.app import DOWNLINKS
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer
 from stamen.config import load
 from stamen.server.inprocess_grid import _ensure_task_identity
 from stamen.sketching.codec import CodecContext, derive_seed, make_codec
-from stamen.strategies.registry import build_strategy
+from stamen.strategies.preflight import build_pipeline
 from stamen.tasks.task import get_weights, load_task, set_weights
 
 TASKS = {
@@ -122,10 +123,10 @@ def measure(task_name: str, method: str, overrides: list[str], clients: int, see
                                                          f"run.seed={seed}"])
     task = load_task(cfg.task, 8, seed)
     layout = task.layout
-    strategy = build_strategy(cfg)
+    strategy = build_pipeline(cfg)
     nodes = {pid: 100 + pid for pid in range(8)}
-    strategy.bind(seed=seed, nodes=nodes, layout=layout, codec=make_codec("dense"), fraction_train=0.5,
-                  fraction_evaluate=0.0)
+    strategy.bind(seed=seed, nodes=nodes, layout=layout, fraction_train=0.5, fraction_evaluate=0.0,
+                  rounds=2, timeout=600.0)
     model = task.new_model()
     states = {n: RecordDict() for n in nodes.values()}
     pid_of = {n: p for p, n in nodes.items()}
@@ -148,13 +149,13 @@ def measure(task_name: str, method: str, overrides: list[str], clients: int, see
         with phase(rec, "local training"):
             loss, steps = get_trainer(str(config.get("trainer", "sgd")))(model, X, y, settings, gen, job)
         delta = layout.flatten(get_weights(model)) - layout.flatten(global_weights)
-        codec = make_codec(config.get(P.CODEC, "dense"), **json.loads(config.get("codec-options", "{}")))
+        codec = make_codec(config.get(T.CODEC, "dense"), **json.loads(config.get(T.CODEC_OPTIONS, "{}")))
         record = job.state.array_records.get("codec-state")
         codec_state = {} if record is None else P.from_array_record(record)
         with phase(rec, "projection"):
             payload = codec.encode(delta, CodecContext(seed, 1, layout, node=pid), codec_state)
-        reply = Message(content=P.train_reply(payload, {P.NUM_EXAMPLES: len(y), "train_loss": loss,
-                                                        "local_steps": steps}, codec.name, pid), reply_to=msg)
+        reply = Message(content=T.train_reply(payload, {P.NUM_EXAMPLES: len(y), "train_loss": loss,
+                                                        "local_steps": steps}, codec.name, config), reply_to=msg)
         uplink.append(P.content_bytes(reply.content))
         replies.append(reply)
 
@@ -163,7 +164,7 @@ def measure(task_name: str, method: str, overrides: list[str], clients: int, see
     assert new_arrays is not None and not strategy.last_rejected, strategy.last_rejected
 
     # round 2: every node; the clients of round 1 catch up on it (Ferret, FedKSeed), the others get dense weights
-    strategy.stamen_fraction_train = 1.0
+    strategy.run.fraction_train = 1.0
     for msg in strategy.configure_train(2, new_arrays, ConfigRecord(), None):
         node, config = msg.metadata.dst_node_id, dict(msg.content.config_records[P.CONFIG])
         if node not in {m.metadata.dst_node_id for m in msgs}:

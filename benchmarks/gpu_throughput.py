@@ -61,8 +61,8 @@ def bare_loop(overrides: list[str], device: str = "cuda") -> list[dict]:
 
     from stamen.client.trainers import TrainSettings, train_sgd
     from stamen.config import load
-    from stamen.sketching.codec import derive_seed
-    from stamen.strategies.base import sample_count
+    from stamen.core import derive_seed
+    from stamen.strategies.sampling import sample_count
     from stamen.tasks.task import evaluate, get_weights, load_task, set_weights
 
     cfg = load(overrides=overrides)

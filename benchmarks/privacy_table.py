@@ -9,7 +9,7 @@ default MLP) and reports:
 
 - final test accuracy;
 - ε at δ = 1e-5 after the run (RDP accountant, the configured sampling; ∞ for z = 0);
-- total uplink bytes (serialized train replies, protobuf size as ``stamen.protocol.content_bytes``);
+- total uplink bytes (serialized train replies, protobuf size as ``stamen.schema.content_bytes``);
 - gradient-inversion PSNR (IG by default) on the *corresponding observed update*: one
   client's single-example, one-step update of the round-1 global model, observed raw (dense),
   sketched with the run's own round-1 CountSketch (the attacker knows R), clipped to C in the
@@ -78,7 +78,7 @@ def counting_grid(cfg):
     reuses the ids of freed objects, so a reply is sometimes charged the size of an earlier,
     larger message; this count does not cache (reported to the lead).
     """
-    from stamen import protocol as P
+    from stamen import schema as P
     from stamen.server.inprocess_grid import InProcessGrid
 
     class CountingGrid(InProcessGrid):

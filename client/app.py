@@ -1,4 +1,19 @@
-"""The Stamen ClientApp: decode the downlink, train locally, encode the update.
+"""The Stamen ClientApp: one handler pipeline for every strategy.
+
+A train message goes through the same stages whatever the strategy:
+
+    check the instruction → decode the downlink → train → privatize → encode → reply
+
+1. the instruction must be in Stamen's schema (``stamen/schema/train.py``: version, identity
+   entries, known keys with their types) and for this node's partition, else the handler
+   raises and Flower returns an error reply naming the defect;
+2. the downlink handler named by ``downlink`` (dense weights, or a strategy's catch-up) gives
+   the global weights;
+3. the trainer named by ``trainer`` trains the worker's model in place;
+4. the privacy hook clips (and, for local DP, noises) Δ as the ``dp-*`` entries say — local
+   noise from this process's OS entropy, which the server never sees;
+5. the codec named by ``codec`` encodes Δ (payload-space privacy after it);
+6. the reply echoes the instruction's identity entries, so the server can bind it to what it sent.
 
 One ClientApp serves simulation and deployment. Its run config comes either by closure
 (:func:`make_client_app`, used by ``stamen run``) or, under ``flwr run`` / SuperNodes,
@@ -19,11 +34,19 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from stamen import protocol as P
+from stamen import schema as S
 from stamen.client.faults import before_training, byzantine_partitions, corrupt_update, flip_labels
+from stamen.client.privacy_hooks import apply_client_privacy, apply_payload_privacy
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer, load_client_plugins
 from stamen.config import StamenConfig, from_flat
-from stamen.sketching.codec import Codec, CodecContext, derive_seed, make_codec
+from stamen.core import derive_seed
+from stamen.privacy.noise import noise_source
+from stamen.schema import SchemaError
+from stamen.schema import evaluate as E
+from stamen.schema import query as Q
+from stamen.schema import train as T
+from stamen.schema.pack import PACK_ACTION
+from stamen.sketching.codec import Codec, CodecContext, make_codec
 from stamen.tasks.task import Task, evaluate, get_weights, load_task, set_weights
 
 log = logging.getLogger("stamen.client")
@@ -81,9 +104,9 @@ _DECODED: list = [None, None]  # (ArrayRecord, its arrays): a pack's clients sha
 def dense_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarray]:
     """The default downlink: the global weights as they are (decoded once per record object; callers
     must not modify them)."""
-    record = content.array_records[P.ARRAYS]
+    record = content.array_records[S.ARRAYS]
     if _DECODED[0] is not record:
-        _DECODED[:] = [record, P.from_array_record(record)]
+        _DECODED[:] = [record, S.from_array_record(record)]
     return _DECODED[1]
 
 
@@ -95,23 +118,46 @@ QUERIES: dict[str, Callable[[StamenConfig, Message, Context], RecordDict]] = {}
 
 
 def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
+    """The client pipeline for a train message (module docstring)."""
     w = _worker(cfg)
     pid = _partition_id(context)
-    X, y = w.task.data.client(pid)
-    config = dict(msg.content.config_records[P.CONFIG])
-    if cfg.task.curriculum != "vanilla" and "trainer" not in config:  # task.curriculum: data ordering, any strategy
+    config = _instruction(msg, pid)
+    if cfg.task.curriculum != "vanilla" and T.TRAINER not in config:  # task.curriculum: data ordering, any strategy
         from stamen.client.trainers_curriculum import task_curriculum_options
         config.update(task_curriculum_options(cfg.task))
-    server_round = int(config["server-round"])
+    server_round = int(config[S.SERVER_ROUND])
     job = TrainJob(options=config, state=context.state, task=w.task, partition_id=pid,
                    server_round=server_round, seed=cfg.run.seed)
+    global_weights = _downlink(msg.content, config, job)
+    delta, n, train_loss, steps = _train(cfg, w, config, job, global_weights)
+    delta = apply_client_privacy(delta, config, _privacy_generator(cfg, config, job), w.task.layout.numels, job.metrics)
+    codec, payload = _encode(cfg, config, context, delta, job)
+    metrics = {S.NUM_EXAMPLES: n, "train_loss": train_loss, "local_steps": steps, **job.metrics}
+    return Message(content=T.train_reply(payload, metrics, codec.name, config), reply_to=msg)
+
+
+def _instruction(msg: Message, pid: int) -> dict:
+    """The train instruction's config, checked against the schema and this node's partition."""
+    if S.CONFIG not in msg.content.config_records:
+        raise SchemaError("train message has no 'config' record: not a Stamen instruction")
+    config = dict(msg.content.config_records[S.CONFIG])
+    T.check_instruction(config, partition_id=pid)
+    return config
+
+
+def _downlink(content: RecordDict, config: dict, job: TrainJob) -> dict[str, np.ndarray]:
     load_client_plugins()  # trainer modules also register downlinks and queries
-    downlink = config.get("downlink", "dense")
+    downlink = config.get(T.DOWNLINK, "dense")
     if downlink not in DOWNLINKS:
         raise ValueError(f"unknown downlink {downlink!r}; known: {sorted(DOWNLINKS)}")
-    global_weights = DOWNLINKS[downlink](msg.content, job)
-    set_weights(w.model, global_weights)
+    return DOWNLINKS[downlink](content, job)
 
+
+def _train(cfg: StamenConfig, w: _Worker, config: dict, job: TrainJob, global_weights: dict[str, np.ndarray]):
+    """Local training from the global weights: (Δ, examples, mean loss, optimizer steps)."""
+    pid, server_round = job.partition_id, job.server_round
+    X, y = w.task.data.client(pid)
+    set_weights(w.model, global_weights)
     faults = cfg.faults
     faults_on = faults != type(faults)()
     byzantine = faults_on and pid in byzantine_partitions(cfg.run.seed, cfg.federation.clients,
@@ -120,48 +166,78 @@ def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
         before_training(faults, cfg.run.seed, server_round, pid)
     if byzantine and faults.byzantine_attack == "label_flip":
         y = flip_labels(y, w.task.data.num_classes)
-
-    settings = TrainSettings.from_task(cfg.task, w.device, proximal_mu=float(config.get("proximal-mu", 0.0)))
+    settings = TrainSettings.from_task(cfg.task, w.device, proximal_mu=float(config.get(T.PROXIMAL_MU, 0.0)))
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "batches", pid))
-    trainer = get_trainer(str(config.get("trainer", "sgd")))
-    train_loss, steps = trainer(w.model, X, y, settings, gen, job)
-
+    train_loss, steps = get_trainer(str(config.get(T.TRAINER, "sgd")))(w.model, X, y, settings, gen, job)
     layout = w.task.layout
     delta = layout.flatten(get_weights(w.model)) - layout.flatten(global_weights)
     if byzantine:
         delta = corrupt_update(delta, faults.byzantine_attack, faults.byzantine_scale,
                                torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "byzantine", pid)))
-    from stamen.client.privacy_hooks import apply_client_privacy, apply_payload_privacy  # dp-* config entries
+    return delta, len(y), train_loss, steps
 
-    dp_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "dp-local", pid))
-    delta = apply_client_privacy(delta, config, dp_gen, layout.numels, job.metrics)
+
+def _privacy_generator(cfg: StamenConfig, config: dict, job: TrainJob) -> torch.Generator:
+    """The generator of this client's local DP noise: OS entropy (the server never sees the seed),
+    or the public run seed when the strategy asked for reproducible (debugging) noise."""
+    source = noise_source(bool(config.get(T.DP_REPRODUCIBLE, False)), cfg.run.seed)
+    return source.generator(job.server_round, "dp-local", job.partition_id)
+
+
+def _encode(cfg: StamenConfig, config: dict, context: Context, delta: torch.Tensor, job: TrainJob):
     codec = _codec(cfg, config)
     state = _codec_state(context)
-    payload = codec.encode(delta, CodecContext(cfg.run.seed, int(config.get("codec-round", server_round)), layout, node=pid), state)
-    payload = apply_payload_privacy(payload, config, dp_gen, job.metrics)
+    ctx = CodecContext(cfg.run.seed, int(config.get(T.CODEC_ROUND, job.server_round)), job.task.layout,
+                       node=job.partition_id)
+    payload = codec.encode(delta, ctx, state)
+    payload = apply_payload_privacy(payload, config, _privacy_generator(cfg, config, job), job.metrics)
     _store_codec_state(context, state)
-    metrics = {P.NUM_EXAMPLES: len(y), "train_loss": train_loss, "local_steps": steps, **job.metrics}
-    return Message(content=P.train_reply(payload, metrics, codec.name, pid), reply_to=msg)
+    return codec, payload
+
+
+def reply_meta(config: dict, pid: int) -> ConfigRecord:
+    """``meta`` of a reply to any Stamen message: the instruction's identity entries echoed."""
+    return ConfigRecord({**{k: config[k] for k in T.IDENTITY if k in config}, S.SCHEMA: S.SCHEMA_VERSION,
+                         S.PARTITION_ID: pid})
 
 
 def handle_evaluate(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     w = _worker(cfg)
-    X, y = w.task.data.client(_partition_id(context))
-    set_weights(w.model, P.from_array_record(msg.content.array_records[P.ARRAYS]))
+    pid = _partition_id(context)
+    config = dict(msg.content.config_records[S.CONFIG]) if S.CONFIG in msg.content.config_records else {}
+    _check_identity(config, pid, "evaluate")
+    X, y = w.task.data.client(pid)
+    set_weights(w.model, S.from_array_record(msg.content.array_records[S.ARRAYS]))
     loss, acc = evaluate(w.model, X, y, cfg.eval.batch_size, w.device)
-    metrics = MetricRecord({P.NUM_EXAMPLES: len(y), "eval_loss": loss, "eval_accuracy": acc})
-    return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)
+    metrics = MetricRecord({S.NUM_EXAMPLES: len(y), E.EVAL_LOSS: loss, E.EVAL_ACCURACY: acc})
+    return Message(content=RecordDict({S.METRICS: metrics, S.META: reply_meta(config, pid)}), reply_to=msg)
+
+
+def _check_identity(config: dict, pid: int, kind: str) -> None:
+    if config.get(S.SCHEMA) != S.SCHEMA_VERSION or any(k not in config for k in T.IDENTITY):
+        raise SchemaError(f"this {kind} message is not in Stamen's schema {S.SCHEMA_VERSION}")
+    if config[S.PARTITION_ID] != pid:
+        raise SchemaError(f"{kind} message is for partition-id {config[S.PARTITION_ID]}, this node holds {pid}")
 
 
 def handle_query(cfg: StamenConfig, msg: Message, context: Context) -> Message:
-    kind = msg.content.config_records[P.CONFIG].get("query", "") if P.CONFIG in msg.content.config_records else ""
+    config = dict(msg.content.config_records[S.CONFIG]) if S.CONFIG in msg.content.config_records else {}
+    kind = config.get(Q.QUERY, "")
+    pid = _partition_id(context)
     if kind:
+        _check_identity(config, pid, f"{kind!r} query")
         load_client_plugins()  # trainers_* modules may register query handlers
         if kind not in QUERIES:
             raise ValueError(f"unknown query {kind!r}; known: {sorted(QUERIES)}")
-        return Message(content=QUERIES[kind](cfg, msg, context), reply_to=msg)
-    pid = _partition_id(context)
-    return Message(content=RecordDict({P.META: ConfigRecord({P.PARTITION_ID: pid})}), reply_to=msg)
+        content = QUERIES[kind](cfg, msg, context)
+        content[S.META] = reply_meta(config, pid)
+        return Message(content=content, reply_to=msg)
+    if config.get(S.SCHEMA) != S.SCHEMA_VERSION:
+        raise SchemaError(f"discovery query of schema {config.get(S.SCHEMA)!r}; this ClientApp speaks "
+                          f"{S.SCHEMA_VERSION}: is the ServerApp a Stamen app of the same version?")
+    _, y = _worker(cfg).task.data.client(pid)
+    return Message(content=RecordDict({S.META: ConfigRecord({S.PARTITION_ID: pid, S.SCHEMA: S.SCHEMA_VERSION}),
+                                       S.METRICS: MetricRecord({S.NUM_EXAMPLES: len(y)})}), reply_to=msg)
 
 
 _CODECS: dict[str, Codec] = {}
@@ -169,8 +245,8 @@ _CODECS: dict[str, Codec] = {}
 
 def _codec(cfg: StamenConfig, config: dict) -> Codec:
     """The codec the strategy asked for (``codec`` / ``codec-options`` entries), cached per process."""
-    name = str(config.get(P.CODEC, cfg.compression.codec))
-    options = json.loads(config["codec-options"]) if "codec-options" in config else cfg.compression.options()
+    name = str(config.get(T.CODEC, cfg.compression.codec))
+    options = json.loads(config[T.CODEC_OPTIONS]) if T.CODEC_OPTIONS in config else cfg.compression.options()
     key = json.dumps([name, options], sort_keys=True)
     if key not in _CODECS:
         _CODECS.clear()
@@ -183,12 +259,12 @@ _CODEC_STATE = "codec-state"
 
 def _codec_state(context: Context) -> dict:
     rec = context.state.array_records.get(_CODEC_STATE)
-    return {} if rec is None else P.from_array_record(rec)
+    return {} if rec is None else S.from_array_record(rec)
 
 
 def _store_codec_state(context: Context, state: dict) -> None:
     if state:
-        context.state[_CODEC_STATE] = P.to_array_record({k: np.asarray(v) for k, v in state.items()})
+        context.state[_CODEC_STATE] = S.to_array_record({k: np.asarray(v) for k, v in state.items()})
 
 
 def make_client_app(cfg: StamenConfig | None = None) -> ClientApp:
@@ -216,7 +292,7 @@ def make_client_app(cfg: StamenConfig | None = None) -> ClientApp:
         return handle_pack(resolve(context), msg, context)
 
     for register in (app.train, app.evaluate, app.query):
-        register(P.PACK_ACTION)(pack)
+        register(PACK_ACTION)(pack)
 
     return app
 

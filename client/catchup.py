@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema.train import CatchUpKeys
 from stamen.sketching.downlink import weights_check, weights_match
 
 #: tolerance of the check of a rebuilt copy against the server's Σw and ‖w‖ (relative to ‖w‖)
@@ -36,10 +37,10 @@ class CatchUpClient:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        # message config entries: the same strings as strategies.catchup.CatchUpKeys(prefix)
-        self.sync, self.global_round = f"{prefix}-sync", f"{prefix}-round"
-        self.base_round, self.rounds = f"{prefix}-base-round", f"{prefix}-rounds"
-        self.check_sum, self.check_norm = f"{prefix}-sum", f"{prefix}-norm"
+        keys = CatchUpKeys(prefix)  # the message config entries, shared with the server (stamen/schema/train.py)
+        self.sync, self.global_round, self.base_round, self.rounds = (keys.sync, keys.global_round, keys.base_round,
+                                                                      keys.rounds)
+        self.check_sum, self.check_norm = keys.check_sum, keys.check_norm
         # node-state records
         self.copy_record = f"{prefix}-global"  # ArrayRecord {"flat": the global weights, fp32, layout order}
         self.round_record = f"{prefix}-sync"  # ConfigRecord {"round": the round those weights belong to}

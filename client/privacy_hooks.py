@@ -1,7 +1,8 @@
 """Client duty under differential privacy: clip (and, for local DP, noise) before anything leaves.
 
-The strategy decides the mechanism (``strategies/dp.py``, ``strategies/sketched_dp.py``) and
-tells the client what to do with entries of the train message's config:
+The privacy stage of the server's round pipeline (``strategies/dp.py``) decides the mechanism
+and tells the client what to do with entries of the train message's config
+(``stamen/schema/train.py``):
 
 ``dp-clip``             C, the L2 norm bound of what this client sends (absent: no privacy)
 ``dp-space``            ``update``: clip Δ before encoding (DP-FedAvg, local DP);
@@ -17,8 +18,10 @@ their input untouched, so runs without privacy are unchanged. Each reports
 metrics: the only bit adaptive clipping (Andrew et al. 2021) needs, and the server noises
 its count. The raw norm is never reported.
 
-Noise comes from the generator the ClientApp derives from (run seed, round, "dp-local",
-partition id): private to the node, reproducible, never the global RNG.
+Noise comes from the generator the ClientApp hands in: seeded from this process's OS entropy
+(``stamen.privacy.noise.SecretNoise``), so neither the server nor anyone holding the run
+config can regenerate it; only with ``dp-reproducible`` (``privacy.reproducible_noise``, for
+debugging) is it derived from the public run seed. Never the global RNG.
 """
 
 from __future__ import annotations
@@ -31,12 +34,8 @@ import torch
 
 from stamen.privacy.clipping import l2_clip, l2_norm, per_layer_clip
 from stamen.privacy.noise import add_gaussian_noise
+from stamen.schema.train import DP_CLIP, DP_LOCAL_NOISE_STD, DP_PER_LAYER, DP_SPACE, DP_UNCLIPPED
 
-DP_CLIP = "dp-clip"
-DP_SPACE = "dp-space"
-DP_LOCAL_NOISE_STD = "dp-local-noise-std"
-DP_PER_LAYER = "dp-per-layer"
-DP_UNCLIPPED = "dp-unclipped"
 SPACES = ("update", "payload")
 
 

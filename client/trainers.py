@@ -131,20 +131,9 @@ def get_trainer(name: str) -> Trainer:
     return TRAINERS[name]
 
 
-_PLUGINS_LOADED = False
-
-
 def load_client_plugins() -> None:
-    """Import client modules named ``trainers_*.py`` (they register trainers, downlinks, queries); once."""
-    global _PLUGINS_LOADED
-    if _PLUGINS_LOADED:
-        return
-    import importlib
-    import pkgutil
+    """Import the trainer plugins (``stamen.trainers`` entry points, :mod:`stamen.plugins`); they
+    register trainers, downlinks and queries. Once per process."""
+    from stamen.plugins import load_plugins
 
-    import stamen.client as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name.startswith("trainers_"):
-            importlib.import_module(f"stamen.client.{mod.name}")
-    _PLUGINS_LOADED = True
+    load_plugins("stamen.trainers")

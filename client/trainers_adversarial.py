@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from stamen.client.trainers import TrainJob, TrainSettings, register_trainer, run_local_steps, shuffled_epochs
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
+from stamen.schema import train as T
 from stamen.tasks.attacks import NORMS, AttackConfig, adversarial_loss
 
 #: message-config keys the adversarial trainer reads
-ATTACK_KEYS = ("attack-eps", "attack-steps", "attack-step-size", "attack-norm", "attack-mix", "attack-random-start")
+ATTACK_KEYS = (T.ATTACK_EPS, T.ATTACK_STEPS, T.ATTACK_STEP_SIZE, T.ATTACK_NORM, T.ATTACK_MIX, T.ATTACK_RANDOM_START)
 
 
 def _number(options: dict, key: str, default=None, *, integer: bool = False):
@@ -55,20 +56,20 @@ def _number(options: dict, key: str, default=None, *, integer: bool = False):
 
 def attack_from_options(options: dict) -> tuple[AttackConfig, float]:
     """The training attack and the adversarial-loss weight ``mix`` from a round's message config."""
-    eps = _number(options, "attack-eps")
+    eps = _number(options, T.ATTACK_EPS)
     if eps < 0:
         raise ValueError(f"config entry 'attack-eps' must be >= 0, got {eps}")
-    steps = _number(options, "attack-steps", 10, integer=True)
+    steps = _number(options, T.ATTACK_STEPS, 10, integer=True)
     if steps < 1:
         raise ValueError(f"config entry 'attack-steps' must be >= 1, got {steps}")
-    step_size = _number(options, "attack-step-size", -1.0)
-    norm = options.get("attack-norm", "linf")
+    step_size = _number(options, T.ATTACK_STEP_SIZE, -1.0)
+    norm = options.get(T.ATTACK_NORM, "linf")
     if norm not in NORMS:
         raise ValueError(f"config entry 'attack-norm' must be one of {list(NORMS)}, got {norm!r}")
-    mix = _number(options, "attack-mix", 1.0)
+    mix = _number(options, T.ATTACK_MIX, 1.0)
     if not 0.0 <= mix <= 1.0:
         raise ValueError(f"config entry 'attack-mix' must be in [0, 1], got {mix}")
-    random_start = options.get("attack-random-start", True)
+    random_start = options.get(T.ATTACK_RANDOM_START, True)
     if not isinstance(random_start, bool):
         raise ValueError(f"config entry 'attack-random-start' must be a bool, got {random_start!r}")
     attack = AttackConfig(kind="pgd", norm=norm, eps=eps, steps=steps,

@@ -43,7 +43,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import query as Q
+from stamen.schema import train as T
 from stamen.tasks.curriculum import (
     ORDERINGS,
     PACING,
@@ -57,11 +59,11 @@ from stamen.tasks.curriculum import (
     total_local_steps,
 )
 from stamen.client.trainers import TrainJob, TrainSettings, register_trainer, run_local_steps, train_sgd
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 from stamen.tasks.task import get_weights, set_weights
 
-SCORE_QUERY = "curriculum-score"
-CLIENT_SCORE = "client-score"  # reply metric: the client's mean example score
+SCORE_QUERY = Q.CURRICULUM_SCORE_QUERY
+CLIENT_SCORE = T.CLIENT_SCORE  # reply metric: the client's mean example score
 LOCAL_MODEL_STATE = "curriculum-local-model"  # node state: weights after its last local training
 SCORE_BATCH = 256
 
@@ -94,19 +96,19 @@ def _fraction(options: dict, key: str, default: float) -> float:
 
 def curriculum_settings(options: dict) -> CurriculumSettings:
     """Validate a message config's ``curriculum-*`` entries (a bad one raises naming the key)."""
-    report = options.get("curriculum-report-score", False)
+    report = options.get(T.CURRICULUM_REPORT_SCORE, False)
     if not isinstance(report, bool):
         raise ValueError(f"config entry 'curriculum-report-score' must be a bool, got {report!r}")
-    epochs = options.get("curriculum-expert-epochs", 20)
+    epochs = options.get(T.CURRICULUM_EXPERT_EPOCHS, 20)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"config entry 'curriculum-expert-epochs' must be an int >= 1, got {epochs!r}")
     return CurriculumSettings(
-        ordering=_choice(options, "curriculum-ordering", ORDERINGS, "vanilla"),
-        pacing=_choice(options, "curriculum-pacing", tuple(PACING), "linear"),
-        a=_fraction(options, "curriculum-a", 0.8),
-        b=_fraction(options, "curriculum-b", 0.2),
-        scorer=_choice(options, "curriculum-scorer", SCORE_KINDS, "G"),
-        score=_choice(options, "curriculum-score", SCORERS, "loss"),
+        ordering=_choice(options, T.CURRICULUM_ORDERING, ORDERINGS, "vanilla"),
+        pacing=_choice(options, T.CURRICULUM_PACING, tuple(PACING), "linear"),
+        a=_fraction(options, T.CURRICULUM_A, 0.8),
+        b=_fraction(options, T.CURRICULUM_B, 0.2),
+        scorer=_choice(options, T.CURRICULUM_SCORER, SCORE_KINDS, "G"),
+        score=_choice(options, T.CURRICULUM_SCORE, SCORERS, "loss"),
         report_score=report,
         expert_epochs=epochs,
     )
@@ -118,9 +120,9 @@ def task_curriculum_options(task_cfg) -> dict:
     ``client/app.py`` merges them into a train message that names no trainer, so the data
     curriculum works under FedAvg, FedProx, FedAdam, … without a strategy of its own.
     """
-    return {"trainer": "curriculum", "curriculum-ordering": task_cfg.curriculum,
-            "curriculum-pacing": task_cfg.curriculum_pacing, "curriculum-a": task_cfg.curriculum_a,
-            "curriculum-b": task_cfg.curriculum_b, "curriculum-scorer": task_cfg.curriculum_scorer}
+    return {T.TRAINER: "curriculum", T.CURRICULUM_ORDERING: task_cfg.curriculum,
+            T.CURRICULUM_PACING: task_cfg.curriculum_pacing, T.CURRICULUM_A: task_cfg.curriculum_a,
+            T.CURRICULUM_B: task_cfg.curriculum_b, T.CURRICULUM_SCORER: task_cfg.curriculum_scorer}
 
 
 # --------------------------------------------------------------------------- scoring models
@@ -219,13 +221,13 @@ def handle_score_query(cfg, msg: Message, context: Context) -> RecordDict:
     c = curriculum_settings(config)
     set_weights(w.model, P.from_array_record(msg.content.array_records[P.ARRAYS]))
     job = TrainJob(options=config, state=context.state, task=w.task, partition_id=pid,
-                   server_round=int(config.get("server-round", 0)), seed=cfg.run.seed)
+                   server_round=int(config.get(P.SERVER_ROUND, 0)), seed=cfg.run.seed)
     scores = example_scores(w.model, X, y, c, job, TrainSettings.from_task(cfg.task, w.device))
     score = client_score(scores)
     if not math.isfinite(score):
         raise ValueError(f"partition {pid}: its curriculum score is not finite ({score})")
     metrics = MetricRecord({P.NUM_EXAMPLES: len(y), CLIENT_SCORE: score})
-    return RecordDict({P.METRICS: metrics, P.META: ConfigRecord({P.PARTITION_ID: pid})})
+    return RecordDict({P.METRICS: metrics})  # handle_query adds the identity meta
 
 
 def _register_query() -> None:

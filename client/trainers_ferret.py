@@ -28,20 +28,21 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import train as T
 from stamen.client.app import DOWNLINKS
 from stamen.client.catchup import CatchUpClient
 from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches, register_trainer, run_local_steps
-from stamen.sketching.codec import CodecContext, PayloadError, derive_seed, register_codec
+from stamen.core import derive_seed
+from stamen.sketching.codec import CodecContext, PayloadError, register_codec
 from stamen.sketching.ferret import FerretCodec, basis, basis_variance, seed_pool
 
-# Message config entries — the same strings as in strategies/ferret.py and strategies/fedkseed.py
-# (client and strategies share only messages; tests/test_ferret_fl.py checks they agree).
+# Message config entries: stamen/schema/train.py (client and strategies share only messages)
 FERRET = CatchUpClient("ferret")  # the catch-up downlink's entries and node-state records
 SYNC, GLOBAL_ROUND, BASE_ROUND, ROUNDS = FERRET.sync, FERRET.global_round, FERRET.base_round, FERRET.rounds
-SERVER_LR, CHECK_SUM, CHECK_NORM = "ferret-server-lr", FERRET.check_sum, FERRET.check_norm
-LOCAL_STEPS = "local-steps"
-ZO_STEPS, ZO_EPS, ZO_LR = "zo-steps", "zo-eps", "zo-lr"
+SERVER_LR, CHECK_SUM, CHECK_NORM = T.FERRET_SERVER_LR, FERRET.check_sum, FERRET.check_norm
+LOCAL_STEPS = T.LOCAL_STEPS
+ZO_STEPS, ZO_EPS, ZO_LR = T.ZO_STEPS, T.ZO_EPS, T.ZO_LR
 PAYLOAD_KEYS = ("block", "seed", "value")
 
 # Node-state records
@@ -61,7 +62,7 @@ def ferret_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarray]
 
     def step(flat: torch.Tensor, r: int, payload: dict[str, np.ndarray]) -> torch.Tensor:
         if not codec:
-            codec.append(FerretCodec(**json.loads(config["codec-options"])))
+            codec.append(FerretCodec(**json.loads(config[T.CODEC_OPTIONS])))
         ctx = CodecContext(seed=job.seed, round=r, layout=layout)
         return flat.add(codec[0].decode(payload, ctx), alpha=float(config[SERVER_LR]))  # = strategies.ferret.apply_update
 
@@ -131,7 +132,7 @@ def train_zeroth_order(model: nn.Module, X: np.ndarray, y: np.ndarray, s: TrainS
     """
     options = job.options
     steps, eps, lr = int(options[ZO_STEPS]), float(options[ZO_EPS]), float(options[ZO_LR])
-    codec_options = json.loads(options["codec-options"])
+    codec_options = json.loads(options[T.CODEC_OPTIONS])
     K = int(codec_options["K"])
     layout = job.task.layout
     d = layout.d

@@ -34,7 +34,8 @@ import torch
 from flwr.app import ConfigRecord
 from torch import nn
 
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import train as T
 from stamen.client.trainers import (
     TrainJob,
     TrainSettings,
@@ -43,12 +44,11 @@ from stamen.client.trainers import (
     register_trainer,
     train_sgd,
 )
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 
-# Message config entries (the same names as in strategies/fedlex.py, which this side may not import).
 EXPLORATION_EPOCHS, EXPLORATION_PATIENCE, EXPLORATION_HOLDOUT = (
-    "exploration-epochs", "exploration-patience", "exploration-holdout")
-GUIDANCE, GUIDANCE_VERSION = "fedlex-guidance", "fedlex-guidance-version"
+    T.EXPLORATION_EPOCHS, T.EXPLORATION_PATIENCE, T.EXPLORATION_HOLDOUT)
+GUIDANCE, GUIDANCE_VERSION = T.GUIDANCE, T.GUIDANCE_VERSION
 # Node state records holding the cached G and its version.
 STATE_GUIDANCE, STATE_GUIDANCE_META = "fedlex-guidance", "fedlex-guidance-meta"
 

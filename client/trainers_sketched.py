@@ -21,17 +21,17 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from stamen import protocol as P
+from stamen.schema import train as T
 from stamen.client.app import DOWNLINKS
 from stamen.client.catchup import CatchUpClient
 from stamen.client.trainers import TrainJob
 from stamen.sketching.codec import Codec, CodecContext, make_codec
 from stamen.sketching.downlink import sketch_step, sparse_step
 
-# Message config entries — the same strings as in strategies/sketched.py (tests check they agree)
+# Message config entries: stamen/schema/train.py
 SKETCHED = CatchUpClient("sketched")
 FETCHSGD = CatchUpClient("fetchsgd")
-SKETCHED_SERVER_LR = "sketched-server-lr"
+SKETCHED_SERVER_LR = T.SKETCHED_SERVER_LR
 
 
 def sketched_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarray]:
@@ -41,8 +41,8 @@ def sketched_downlink(content: RecordDict, job: TrainJob) -> dict[str, np.ndarra
 
     def step(flat: torch.Tensor, r: int, payload: dict[str, np.ndarray]) -> torch.Tensor:
         if not codec:
-            codec.append(make_codec(str(config[P.CODEC]), **json.loads(config["codec-options"])))
-        ctx = CodecContext(seed=job.seed, round=int(config.get("codec-round", r)), layout=layout)
+            codec.append(make_codec(str(config[T.CODEC]), **json.loads(config[T.CODEC_OPTIONS])))
+        ctx = CodecContext(seed=job.seed, round=int(config.get(T.CODEC_ROUND, r)), layout=layout)
         return sketch_step(flat, codec[0], payload, ctx, float(config[SKETCHED_SERVER_LR]))
 
     return SKETCHED.rebuild(content, config, job.state, layout, step)

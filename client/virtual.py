@@ -8,7 +8,7 @@ process that serves many clients. Two places host them:
   SuperNode is a *carrier* hosting the clients ``{p : p mod K = k}``. The server's
   :class:`~stamen.server.virtual_grid.VirtualGrid` packs a round's messages for one carrier
   into one Flower message; :func:`handle_pack` runs them one after another and packs the
-  replies (stamen/protocol.py describes the pack). The server still sends, receives,
+  replies (stamen/schema/pack.py describes the pack). The server still sends, receives,
   validates and accounts every client's own message.
 
 Each client keeps its own ``context.state`` across rounds, as a SuperNode does; on a carrier
@@ -27,7 +27,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.common.constant import ErrorCode
 
-from stamen import protocol as P
+from stamen.schema import pack as P
 from stamen.client.app import handle_evaluate, handle_query, handle_train
 from stamen.config import StamenConfig
 

@@ -11,20 +11,39 @@ Where the noise goes decides its standard deviation (``z`` = noise multiplier,
 
 In every case ``z`` is the ratio of the noise std to the L2 sensitivity of the
 released sum, which is what the accountant (:mod:`stamen.privacy.accounting`)
-consumes. Noise is drawn in fp32 from a ``torch.Generator`` the caller seeds
-(e.g. with :func:`noise_generator`), never from the global RNG, so that runs are
-reproducible and no other component's random stream is perturbed.
+consumes. Noise is drawn in fp32 from a private ``torch.Generator``, never from the
+global RNG, so no other component's random stream is perturbed.
 
-Pure tensor code: torch plus the seed helper from the sketching codec module.
+**Where the generator's seed comes from** (:class:`NoiseSource`). DP noise and DP client
+sampling are *secret* randomness: if anyone can regenerate them they can subtract the noise
+(and a predictable Poisson sample gives none of the amplification the accountant credits).
+``run.seed`` is public — it sits in ``config.toml`` and on command lines — so secret draws
+never derive from it. :class:`SecretNoise` (the default) seeds a fresh private generator
+from the operating system's CSPRNG (``secrets``) for every draw and keeps no copy of the
+seed; a client's local noise is drawn on the client, from its own entropy, which the server
+never sees. Each draw is a Mersenne-Twister/Philox stream from a 64-bit secret seed (torch)
+or a PCG64 stream from 128 secret bits (numpy, for sampling): guessing the seed takes ~2⁶⁴
+tries per draw, and the raw stream is never observed (only noise added to data), so the
+generator's own predictability from long output runs does not apply. The cost is one
+``getrandom`` call per draw (~µs); drawing 10⁷ fp32 normals costs what it did before
+(``benchmarks/privacy_noise.py``). :class:`SeededNoise` keeps the old reproducible noise for
+debugging only (``privacy.reproducible_noise``); every output of such a run says its ε is
+not a guarantee.
+
+Pure tensor code: torch, numpy and the seed rule of :mod:`stamen.core`.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
+from abc import ABC, abstractmethod
+from typing import Any
 
+import numpy as np
 import torch
 
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> float:
@@ -81,13 +100,68 @@ def add_gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator) 
     return x.detach().to(torch.float32) + noise.to(x.device)
 
 
-def noise_generator(seed: int, round: int, purpose: str = "dp-noise", node: int | None = None,
-                    device: str = "cpu") -> torch.Generator:
-    """A private generator for noise, derived from (run seed, round, purpose[, node]).
+class NoiseSource(ABC):
+    """Where secret random draws come from: DP noise and DP client sampling.
 
-    Use ``node=None`` for the server's central noise and the client's partition id
-    for local noise, so that no two parties ever share a noise stream.
+    ``purpose`` parts (round, site, node …) name a draw; a :class:`SeededNoise` derives its
+    seed from them, a :class:`SecretNoise` ignores them (every draw is fresh).
     """
-    g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(seed, round, purpose, node))
-    return g
+
+    #: True when anyone who knows the run seed can regenerate the draws (no DP guarantee)
+    reproducible: bool
+
+    @abstractmethod
+    def seed(self, *purpose: Any) -> int:
+        """A 63-bit seed for one draw."""
+
+    def generator(self, *purpose: Any, device: str = "cpu") -> torch.Generator:
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed(*purpose))
+        return g
+
+    def gaussian(self, shape: torch.Size | tuple[int, ...] | int, std: float, *purpose: Any,
+                 device: str = "cpu") -> torch.Tensor:
+        """An fp32 draw of ``N(0, std²)`` of ``shape``."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return gaussian_noise(shape, std, self.generator(*purpose, device=device))
+
+    def uniform(self, n: int, *purpose: Any) -> np.ndarray:
+        """``n`` independent U[0, 1) draws (float64), e.g. for Poisson sampling."""
+        return self.numpy_generator(*purpose).random(int(n))
+
+    def numpy_generator(self, *purpose: Any) -> np.random.Generator:
+        return np.random.default_rng(self.seed(*purpose))
+
+
+class SecretNoise(NoiseSource):
+    """Every draw from a fresh generator seeded by the OS CSPRNG (see the module docstring)."""
+
+    reproducible = False
+
+    def seed(self, *purpose: Any) -> int:
+        return secrets.randbits(63)
+
+    def numpy_generator(self, *purpose: Any) -> np.random.Generator:
+        return np.random.Generator(np.random.PCG64(secrets.randbits(128)))
+
+
+class SeededNoise(NoiseSource):
+    """Draws derived from (run seed, purpose): reproducible, for debugging only — no DP guarantee."""
+
+    reproducible = True
+
+    def __init__(self, run_seed: int):
+        self.run_seed = int(run_seed)
+
+    def seed(self, *purpose: Any) -> int:
+        return derive_seed(self.run_seed, "dp-noise", *purpose)
+
+
+def noise_source(reproducible: bool, run_seed: int) -> NoiseSource:
+    """The noise source ``privacy.reproducible_noise`` asks for."""
+    return SeededNoise(run_seed) if reproducible else SecretNoise()
+
+
+#: what outputs say when the noise was seeded from the run seed
+NOT_A_GUARANTEE = ("privacy.reproducible_noise = true: the noise was derived from the public run seed, so anyone "
+                   "with config.toml can regenerate and remove it; epsilon is NOT a privacy guarantee (debugging only)")

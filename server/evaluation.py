@@ -8,11 +8,11 @@ the rounds that have a central evaluation and are multiples of ``eval.robust_eve
 last round); the other rows carry ``None``. Whether it runs:
 
 - ``eval.robust = true`` / ``false``: as set;
-- ``eval.robust = "auto"`` (the default): the strategy's class attribute ``robust_eval_default`` (``True`` for
-  ``fat``, absent — hence off — for the others).
+- ``eval.robust = "auto"`` (the default): the strategy method's ``robust_eval_default`` (``True`` for
+  ``fat``, ``False`` for the others).
 
 The attack's ε and norm, unless ``eval.attack_eps`` / ``eval.attack_norm`` set them (default "auto"), come from
-the strategy's ``threat_model()`` if it has one (``fat``: its training ε and norm), else from
+the strategy method's ``threat_model()`` if it has one (``fat``: its training ε and norm), else from
 the task's default threat model (:data:`DEFAULT_THREATS`), so FedAvg and FAT with default
 settings are attacked identically. PGD is stronger than training: ``eval.attack_steps`` (20)
 steps of ``eval.attack_step_size`` (2.5·ε/steps when "auto") from a random start. The random
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 from stamen.tasks.attacks import AttackConfig, robust_accuracy
 from stamen.tasks.task import evaluate
 
@@ -64,10 +64,10 @@ def default_threat_model(dataset: str, input_range: tuple[float, float] | None =
     return {"norm": "linf", "eps": float(DEFAULT_EPS_FRACTION * (hi - lo))}
 
 
-def robust_enabled(cfg, strategy=None) -> bool:
+def robust_enabled(cfg, method=None) -> bool:
     if cfg.eval.robust != "auto":
         return bool(cfg.eval.robust)
-    return bool(getattr(strategy, "robust_eval_default", False))
+    return bool(getattr(method, "robust_eval_default", False))
 
 
 def eval_attacks(cfg, task, strategy=None) -> dict[str, AttackConfig]:

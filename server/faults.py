@@ -4,7 +4,7 @@
 with probability ``faults.drop_reply`` or duplicated with probability
 ``faults.duplicate_reply``, from a private generator seeded by (run seed, call number), so a
 faulty run is reproducible. The strategy must cope: lost replies shrink the round, duplicates
-are rejected (see ``StamenStrategy.decode_replies``).
+are rejected by the acceptance stage (``strategies/accept.py``).
 """
 
 from __future__ import annotations

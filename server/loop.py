@@ -1,9 +1,11 @@
-"""The server's round loop: sample, send, decode and aggregate, evaluate, record, checkpoint.
+"""The server's round loop: the round pipeline each round, then evaluate, record, checkpoint.
 
 Flower's ``Strategy.start`` runs rounds too, but it has no hook for checkpoints, byte
-accounting or resuming; this loop calls the same four strategy methods
-(``configure_train``, ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``)
-in the same order and adds those.
+accounting or resuming; this loop calls the same four methods of the round pipeline
+(``strategies/pipeline.py``: ``configure_train``, ``aggregate_train``, ``configure_evaluate``,
+``aggregate_evaluate``) in the same order and adds those. Before the first round it learns
+which node holds which partition, and how many examples each partition has: the bound the
+acceptance stage holds every later ``num-examples`` claim to.
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from stamen import protocol as P
+from stamen import schema as P
 from stamen.config import StamenConfig
 from stamen.server.results import CheckpointError, RunDirectory, write_plots
-from stamen.sketching.codec import make_codec
-from stamen.strategies.registry import build_strategy
+from stamen.strategies.preflight import build_pipeline
 from stamen.server.faults import with_transport_faults
 from stamen.server.evaluation import central_evaluation, evaluation_summary
 from stamen.tasks.task import Task, load_task, set_weights
@@ -43,45 +44,65 @@ def resume_fingerprint(cfg: StamenConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def discover_nodes(grid, expected: int, timeout: float) -> dict[int, int]:
-    """Wait for ``expected`` nodes, ask each its partition-id; return {partition-id: node-id}."""
+def discover_nodes(grid, expected: int, timeout: float) -> tuple[dict[int, int], dict[int, int]]:
+    """Wait for ``expected`` nodes, ask each its partition-id and size; return
+    ({partition-id: node-id}, {partition-id: number of examples it reported})."""
     deadline = time.monotonic() + timeout
     while len(ids := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(ids)} of federation.clients={expected} nodes connected "
                                f"within {timeout:.0f} s")
         time.sleep(0.2)
-    msgs = [Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), message_type=P.QUERY_PARTITION,
-                    dst_node_id=nid) for nid in ids]
+    msgs = [Message(content=RecordDict({P.CONFIG: ConfigRecord({P.SCHEMA: P.SCHEMA_VERSION})}),
+                    message_type=MessageType.QUERY, dst_node_id=nid) for nid in ids]
     nodes: dict[int, int] = {}
+    sizes: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
+        node = reply.metadata.src_node_id
         if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition-id: "
-                               f"{reply.error.reason}")
-        pid = int(reply.content.config_records[P.META][P.PARTITION_ID])
+            raise RuntimeError(f"node {node} did not answer Stamen's discovery query ({reply.error.reason}): is it "
+                               f"a Stamen ClientApp? (ARCHITECTURE.md, 'Message schema')")
+        try:
+            meta = reply.content.config_records[P.META]
+            if meta.get(P.SCHEMA) != P.SCHEMA_VERSION:
+                raise ValueError(f"schema version {meta.get(P.SCHEMA)!r}, this server speaks {P.SCHEMA_VERSION}")
+            pid = meta[P.PARTITION_ID]
+            size = reply.content.metric_records[P.METRICS][P.NUM_EXAMPLES]
+            if not isinstance(pid, int) or isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+                raise ValueError(f"partition-id {pid!r}, {P.NUM_EXAMPLES} {size!r}")
+        except (KeyError, ValueError) as err:
+            raise RuntimeError(f"node {node} answered the discovery query outside Stamen's schema ({err}): is it a "
+                               f"Stamen ClientApp of the same version?") from None
         if pid in nodes:
-            raise RuntimeError(f"two nodes ({nodes[pid]}, {reply.metadata.src_node_id}) claim partition-id {pid}")
-        nodes[pid] = reply.metadata.src_node_id
+            raise RuntimeError(f"two nodes ({nodes[pid]}, {node}) claim partition-id {pid}")
+        nodes[pid], sizes[pid] = node, int(size)
     missing = sorted(set(range(expected)) - set(nodes))
     if missing:
         raise RuntimeError(f"no node reported partition-ids {missing[:10]} (federation.clients={expected})")
-    return nodes
+    return nodes, sizes
+
+
+def example_bounds(sizes: dict[int, int], cap: int) -> dict[int, float]:
+    """The largest ``num-examples`` each partition may claim: its reported size, capped by
+    ``federation.max_examples_per_client`` (0: no cap)."""
+    return {pid: float(min(n, cap) if cap > 0 else n) for pid, n in sizes.items()}
 
 
 def count_bytes(messages: list[Message]) -> int:
-    """Serialized size of the messages' contents; a broadcast's shared RecordDict is sized once.
-
-    (Caching by ``id`` is safe only while the messages are alive, i.e. within this call.)
+    """Serialized size of the messages' contents. A RecordDict's size is the sum of its records'
+    (protobuf concatenation), so a record shared by many messages (a broadcast's weights) is
+    serialized once. (Caching by ``id`` is safe only while the records are alive: within this call.)
     """
-    sizes: dict[int, int] = {}
+    sizes: dict[tuple[str, int], int] = {}
     total = 0
     for m in messages:
         if m.has_error():
             continue
-        key = id(m.content)
-        if key not in sizes:
-            sizes[key] = P.content_bytes(m.content)
-        total += sizes[key]
+        for name, record in m.content.items():
+            key = (name, id(record))
+            if key not in sizes:
+                sizes[key] = P.content_bytes(RecordDict({name: record}))
+            total += sizes[key]
     return total
 
 
@@ -100,13 +121,12 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
     """Run every round of ``cfg`` on ``grid``; write the run directory; return the summary."""
     run = RunDirectory(out_dir)
     task = load_task(cfg.task, cfg.federation.clients, cfg.run.seed)
-    strategy = build_strategy(cfg)
-    codec = make_codec(cfg.compression.codec, **cfg.compression.options())
+    pipeline = build_pipeline(cfg)
     model = task.new_model()
 
     start, rows, arrays = 1, [], task.initial_weights()
     if resume:
-        start, rows, arrays, strategy_state = _load_resume_state(run, cfg)
+        start, rows, arrays, strategy_state = _load_resume_state(run, cfg, task)
     else:
         run.path.mkdir(parents=True, exist_ok=True)
         from stamen.server.results import atomic_write
@@ -116,58 +136,59 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
         strategy_state = None
 
     timeout = cfg.federation.round_timeout_s
-    nodes = discover_nodes(grid, cfg.federation.clients, timeout)
+    nodes, sizes = discover_nodes(grid, cfg.federation.clients, timeout)
     grid = with_transport_faults(grid, cfg)
     round_timeout = cfg.faults.round_deadline_s or timeout
-    strategy.bind(seed=cfg.run.seed, nodes=nodes, layout=task.layout, codec=codec,
-                  fraction_train=cfg.federation.fraction_train, fraction_evaluate=cfg.federation.fraction_evaluate)
-    strategy.min_replies = cfg.faults.min_replies
+    pipeline.bind(seed=cfg.run.seed, nodes=nodes, layout=task.layout, fraction_train=cfg.federation.fraction_train,
+                  fraction_evaluate=cfg.federation.fraction_evaluate, rounds=cfg.run.rounds, timeout=timeout,
+                  bounds=example_bounds(sizes, cfg.federation.max_examples_per_client),
+                  min_replies=cfg.faults.min_replies)
     if strategy_state is not None:
-        strategy.load_state_dict(strategy_state)
+        pipeline.load_state_dict(strategy_state)
 
     current = P.to_array_record(arrays)
     stopped = None
     for rnd in range(start, cfg.run.rounds + 1):
-        stopped = strategy.stop_reason(rnd)
+        stopped = pipeline.stop_reason(rnd)
         if stopped:
             log.warning("stopping before round %d: %s", rnd, stopped)
             break
         t0 = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, current, ConfigRecord(), grid))
+        messages = list(pipeline.configure_train(rnd, current, ConfigRecord(), grid))
         down = count_bytes(messages)
         replies = list(grid.send_and_receive(messages, timeout=round_timeout))
         up = count_bytes(replies)
-        new, train_metrics = strategy.aggregate_train(rnd, replies)
+        new, train_metrics = pipeline.aggregate_train(rnd, replies)
         if new is not None:
             current = new
         row: dict[str, Any] = {
             "round": rnd,
-            "clients": len(strategy.last_participants),
-            "rejected": len(strategy.last_rejected),
+            "clients": len(pipeline.last_participants),
+            "rejected": len(pipeline.last_rejected),
             "missing": max(0, len(messages) - len(replies)),
             "failed": new is None,
             "uplink_bytes": up,
             "downlink_bytes": down,
             "train_loss": _metric(train_metrics, "train_loss"),
         }
-        row.update(strategy.round_metrics(rnd))
-        row.update(_federated_evaluation(strategy, rnd, current, grid, timeout))
+        row.update(pipeline.round_metrics(rnd))
+        row.update(_federated_evaluation(pipeline, rnd, current, grid, timeout))
         if rnd % cfg.eval.every == 0 or rnd == cfg.run.rounds:
             set_weights(model, P.from_array_record(current))
-            row.update(central_evaluation(model, task, cfg, rnd, strategy))
+            row.update(central_evaluation(model, task, cfg, rnd, pipeline.method))
         else:
             row.update(test_loss=None, test_accuracy=None)
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         run.write_metrics(rows)
         run.save_checkpoint({"round": rnd, "arrays": P.from_array_record(current),
-                             "strategy": strategy.state_dict(), "fingerprint": resume_fingerprint(cfg)})
+                             "strategy": pipeline.state_dict(), "fingerprint": resume_fingerprint(cfg)})
         if on_round:
             on_round(row)
 
     summary = _summary(cfg, rows, task)
-    summary.update(evaluation_summary(cfg, task, strategy, rows))
-    summary.update(strategy.summary_metrics())
+    summary.update(evaluation_summary(cfg, task, pipeline.method, rows))
+    summary.update(pipeline.summary_metrics())
     if stopped:
         summary["stopped"] = stopped
     run.write_summary(summary)
@@ -175,8 +196,8 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
     return summary
 
 
-def _load_resume_state(run: RunDirectory, cfg: StamenConfig):
-    ck = run.load_checkpoint()
+def _load_resume_state(run: RunDirectory, cfg: StamenConfig, task: Task):
+    ck = run.load_checkpoint(layout=task.layout)
     if ck.get("fingerprint") != resume_fingerprint(cfg):
         raise CheckpointError(f"checkpoint {run.checkpoint_path} was written by a different config "
                               f"(only {sorted('.'.join(k) for k in RESUMABLE_CHANGES)} may change on resume)")

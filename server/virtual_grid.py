@@ -8,7 +8,7 @@ carrier SuperNodes instead (``federation.sim_nodes``; 0 = twice the actors Ray r
 :class:`VirtualGrid` shows the server loop and the strategies N virtual nodes, one per
 partition, exactly as one SuperNode per client would; per call it packs the messages for
 the clients hosted by one carrier (``{p : p mod K = k}``) into one Flower message
-(stamen/protocol.py), and unpacks the carriers' reply packs into one reply per client.
+(stamen/schema/pack.py), and unpacks the carriers' reply packs into one reply per client.
 Strategies therefore send, receive, validate and aggregate every client's own message, and
 ``uplink_bytes`` / ``downlink_bytes`` count every client's own message as a one-node-per-client
 deployment would carry it (a pack carries a broadcast's records once per carrier, so the
@@ -29,7 +29,7 @@ from collections import defaultdict
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
-from stamen import protocol as P
+from stamen.schema import pack as P
 
 #: virtual node ids: far from Flower's random 64-bit SuperNode ids in practice, and recognisable
 VIRTUAL_NODE_BASE = 1 << 40

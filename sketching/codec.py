@@ -18,7 +18,6 @@ This module is pure tensor code: no Flower imports.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,52 +25,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from stamen.core import Layout, derive_seed  # noqa: F401  (codec contexts are built from them)
+
 
 class PayloadError(ValueError):
     """A payload that cannot be decoded: wrong codec, keys, shapes, dtypes or values."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Names and shapes of the parameter tensors, in the order they are flattened."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def numels(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-    @property
-    def d(self) -> int:
-        return int(sum(self.numels))
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Layout":
-        return cls(tuple(arrays), tuple(tuple(a.shape) for a in arrays.values()))
-
-    def flatten(self, arrays: dict[str, np.ndarray | torch.Tensor]) -> torch.Tensor:
-        """Concatenate tensors (in layout order) into one fp32 vector."""
-        parts = []
-        for name, shape in zip(self.names, self.shapes):
-            if name not in arrays:
-                raise PayloadError(f"missing tensor {name!r}; expected {list(self.names)}")
-            t = torch.as_tensor(np.asarray(arrays[name]) if not isinstance(arrays[name], torch.Tensor) else arrays[name])
-            if tuple(t.shape) != tuple(shape):
-                raise PayloadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-            parts.append(t.reshape(-1).to(torch.float32))
-        return torch.cat(parts) if parts else torch.zeros(0)
-
-    def unflatten(self, flat: torch.Tensor) -> dict[str, np.ndarray]:
-        """Split a flat vector back into named fp32 numpy arrays."""
-        if flat.numel() != self.d:
-            raise PayloadError(f"flat vector has {flat.numel()} entries, layout needs {self.d}")
-        out, start = {}, 0
-        flat = flat.detach().to("cpu", torch.float32)
-        for name, shape, n in zip(self.names, self.shapes, self.numels):
-            out[name] = flat[start : start + n].reshape(shape).numpy().copy()
-            start += n
-        return out
 
 
 @dataclass(frozen=True)
@@ -97,12 +55,6 @@ class CodecContext:
         g = torch.Generator(device=device)
         g.manual_seed(derive_seed(self.seed, self.round, purpose, self.node if node else None))
         return g
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of printable parts (stable across processes)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class Codec(ABC):
@@ -215,12 +167,7 @@ def make_codec(name: str, **options: Any) -> Codec:
 
 
 def _load_builtin_codecs() -> None:
-    """Import the modules that register the built-in codecs (kept lazy to avoid cycles)."""
-    import importlib
-    import pkgutil
+    """Import the codec plugins (the ``stamen.codecs`` entry points, :mod:`stamen.plugins`)."""
+    from stamen.plugins import load_plugins
 
-    import stamen.sketching as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name.startswith("codecs_"):
-            importlib.import_module(f"stamen.sketching.{mod.name}")
+    load_plugins("stamen.codecs")

@@ -49,7 +49,9 @@ def run(
     from stamen import config as C
     from stamen.experiment import preflight, simulate
     from stamen.server.app import default_out_dir
+    from stamen.server.results import ensure_writable_dir
 
+    dropped: list[str] = []
     try:
         if resume is not None:
             if config is not None:
@@ -58,15 +60,22 @@ def run(
             out_dir = resume
             if out is not None and out != resume:
                 raise C.ConfigError("--out must be omitted or equal to the --resume directory")
+            from stamen.server.results import RunDirectory
+
+            RunDirectory(resume).load_checkpoint()  # a damaged checkpoint or metrics file fails here, not in Ray
+            RunDirectory(resume).read_metrics()
         else:
-            cfg = C.load(config or DEFAULT_CONFIG, set_)
+            cfg = C.load(config or DEFAULT_CONFIG, set_, dropped=dropped)
             out_dir = out or default_out_dir(cfg)
             if (out_dir / "metrics.jsonl").exists():
                 raise C.ConfigError(f"{out_dir} already holds a run; use --resume {out_dir} or another --out")
+        ensure_writable_dir(out_dir)
         preflight(cfg)
     except user_errors() as err:
         _fail(err, debug)
 
+    if dropped:
+        console.print(f"[dim]strategy/codec switched by --set: dropped the file's options {', '.join(dropped)}[/]")
     console.print(f"[bold]stamen[/] {cfg.strategy.name} on {cfg.task.dataset} ({cfg.federation.clients} clients, "
                   f"{cfg.run.rounds} rounds, codec {cfg.compression.codec}) → {out_dir}")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -91,25 +100,73 @@ def run(
     _print_summary(summary, out_dir)
 
 
+SUMMARY_KEYS = ("strategy", "codec", "dataset", "model", "parameters", "rounds", "final_test_accuracy",
+                "best_test_accuracy", "final_test_loss", "total_uplink_bytes", "total_downlink_bytes",
+                "total_rejected", "wall_s", "epsilon", "delta")
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What the console says after a run besides the table: privacy caveats, a stop reason."""
+    lines = []
+    privacy = summary.get("privacy") or {}
+    if privacy and not privacy.get("epsilon_is_guarantee", False):
+        lines.append("WARNING: epsilon is NOT a privacy guarantee for this run: " + str(privacy.get("note", "")))
+    if privacy.get("calibrated_noise_multiplier") is not None:
+        lines.append(f"noise multiplier chosen for privacy.target_epsilon={privacy['target_epsilon']:g}: "
+                     f"z = {privacy['calibrated_noise_multiplier']:.4g}")
+    if summary.get("stopped"):
+        lines.append(f"stopped early: {summary['stopped']}")
+    return lines
+
+
 def _print_summary(summary: dict, out_dir: Path) -> None:
     table = Table(title=f"Run summary ({out_dir})", show_header=False)
-    for key in ("strategy", "codec", "dataset", "model", "parameters", "rounds", "final_test_accuracy",
-                "best_test_accuracy", "final_test_loss", "total_uplink_bytes", "total_downlink_bytes",
-                "total_rejected", "wall_s"):
+    for key in SUMMARY_KEYS:
+        if key in ("epsilon", "delta") and key not in summary:
+            continue
         v = summary.get(key)
         table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
+    for line in summary_lines(summary):
+        console.print(f"[bold yellow]{line}[/]" if line.startswith("WARNING") else line)
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    run_dir: Path = typer.Argument(..., help="Run directory holding a checkpoint.pkl from an older Stamen."),
+    trust: bool = typer.Option(False, "--trust", help="I trust this file: convert without asking."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Convert an old pickled checkpoint.pkl to checkpoint.npz (data only), keeping the old file as .converted."""
+    from stamen.server.checkpoint import CONVERTED_SUFFIX, convert_legacy_checkpoint
+    from stamen.server.results import RunDirectory
+
+    rd = RunDirectory(run_dir)
+    legacy = rd.legacy_checkpoint_path
+    if legacy.is_file() and not rd.checkpoint_path.exists() and not trust:  # else the conversion refuses at once
+        err_console.print(f"{legacy} is a pickle. Unpickling a file can run arbitrary code; Stamen reads it with an "
+                          "allow-list of numpy arrays and torch tensors, but convert only a file you or your team "
+                          "wrote.")
+        if not typer.confirm("Do you trust this file and want to convert it?", default=False):
+            err_console.print("not converted; nothing was changed")
+            raise typer.Exit(code=1)
+    try:
+        new = convert_legacy_checkpoint(run_dir)
+    except user_errors() as err:
+        _fail(err, debug)
+    console.print(f"wrote {new}; the old file is kept as {legacy.name}{CONVERTED_SUFFIX}. "
+                  f"Resume with: stamen run --resume {run_dir}")
 
 
 @app.command("list")
 def list_() -> None:
     """List the registered strategies, aggregators, datasets, partitions, models and codecs."""
     from stamen.sketching.codec import CODECS, make_codec
-    from stamen.strategies.registry import STRATEGIES, _load_plugins
+    from stamen.strategies.registry import STRATEGIES, load_strategy_plugins
     from stamen.tasks.data import DATASETS, PARTITIONS
     from stamen.tasks.models import MODELS
 
-    _load_plugins()
+    load_strategy_plugins()
     make_codec("dense")  # loads the codec modules
     t = Table(title="strategies (strategy.name) and their strategy.* options")
     t.add_column("name"), t.add_column("options"), t.add_column("what it is")

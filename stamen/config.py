@@ -44,6 +44,8 @@ class FederationSection(_Section):
     client_gpus: float = Field(0.0, ge=0.0)
     ray_address: str = ""
     round_timeout_s: float = Field(3600.0, gt=0.0)
+    # the most examples one client may claim in a reply (0: no cap beyond the size it reported when it joined)
+    max_examples_per_client: int = Field(0, ge=0)
     # simulation only: SuperNodes host many clients each, one Flower message per node per call
     # (server/virtual_grid.py); false = one SuperNode per client
     virtual_clients: bool = True
@@ -116,48 +118,56 @@ class CompressionSection(BaseModel):
 
 
 class PrivacySection(_Section):
-    """Client-level differential privacy (strategies/dp.py, strategies/sketched_dp.py). Off by default.
+    """Client-level differential privacy (strategies/dp.py). Off by default.
 
-    On when ``clip`` is set or ``noise_multiplier > 0``: clients clip their update to L2 norm
-    ``clip`` (C); Gaussian noise with std ``noise_multiplier``·C (z·C) on the sum of clipped
-    updates is added at ``site`` (``central``: the server, DP-FedAvg; ``local``: each client;
-    ``sketch``: in sketch space, strategy ``sketched_dp`` only); ε at ``delta`` is accounted
-    for the ``sampling`` scheme each round and the run stops before exceeding ``epsilon_budget``.
+    On when ``clip`` is set with ``noise_multiplier > 0`` or ``target_epsilon`` (or ``clip`` alone:
+    clipping without noise, ε infinite): clients clip their update to L2 norm ``clip`` (C);
+    Gaussian noise with std ``noise_multiplier``·C (z·C) on the sum of clipped updates is added
+    at ``site`` (``central``: the server, in parameter space; ``sketch``: the server, in sketch
+    space, for strategies that aggregate sketches; ``local``: each client); ε at ``delta`` is
+    accounted for the ``sampling`` scheme each round and the run stops before exceeding
+    ``epsilon_budget``. ``target_epsilon`` chooses z so that ``run.rounds`` rounds end at that ε.
+    Noise and DP sampling come from OS entropy; ``reproducible_noise`` derives them from the
+    public run seed instead, for debugging only (every output then says ε is not a guarantee).
     """
 
-    clip: Annotated[float, Field(gt=0.0)] | Literal["none"] = "none"  # C; "none": no clipping (then z must be 0)
-    noise_multiplier: float = Field(0.0, ge=0.0)  # z; 0 = no noise (no DP guarantee, epsilon is infinite)
+    clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["none"] = "none"  # C; "none": no clipping
+    noise_multiplier: float = Field(0.0, ge=0.0, allow_inf_nan=False)  # z; 0 = no noise (epsilon is infinite)
+    target_epsilon: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["none"] = "none"  # choose z for it
     site: Literal["central", "local", "sketch"] = "central"
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     accountant: Literal["rdp", "pld"] = "rdp"
     # poisson: each client joins with probability q = federation.fraction_train; fixed: exactly
     # m = floor(fraction_train·clients) without replacement; none: every client every round
     sampling: Literal["poisson", "fixed", "none"] = "poisson"
-    epsilon_budget: Annotated[float, Field(gt=0.0)] | Literal["none"] = "none"  # stop before exceeding it
+    epsilon_budget: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["none"] = "none"
     per_layer: bool = False  # clip each parameter tensor to C/sqrt(L) (total norm still <= C)
     adaptive_clip: bool = False  # Andrew et al. 2021: C follows a quantile of update norms (clip = initial C)
     adaptive_quantile: float = Field(0.5, gt=0.0, lt=1.0)
-    adaptive_lr: float = Field(0.2, gt=0.0)
-    adaptive_count_noise: Annotated[float, Field(ge=0.0)] | Literal["auto"] = "auto"  # count noise std; auto: m/20
+    adaptive_lr: float = Field(0.2, gt=0.0, allow_inf_nan=False)
+    adaptive_count_noise: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | Literal["auto"] = "auto"
+    reproducible_noise: bool = False  # debugging only: noise and DP sampling from run.seed; NO guarantee
 
     @model_validator(mode="after")
     def _consistent(self) -> "PrivacySection":
-        if self.noise_multiplier > 0 and self.clip == "none":
-            raise ValueError("privacy.noise_multiplier > 0 needs privacy.clip (the clip norm C the noise is scaled to)")
+        noised = self.noise_multiplier > 0 or self.target_epsilon != "none"
+        if noised and self.clip == "none":
+            raise ValueError("privacy.noise_multiplier / privacy.target_epsilon need privacy.clip (the clip norm C the "
+                             "noise is scaled to)")
         if self.adaptive_clip and self.clip == "none":
             raise ValueError("privacy.adaptive_clip needs privacy.clip (the initial clip norm)")
         if self.adaptive_clip and self.site == "local":
             raise ValueError("privacy.adaptive_clip works with privacy.site 'central' or 'sketch', not 'local'")
-        if self.epsilon_budget != "none" and self.noise_multiplier == 0:
-            raise ValueError("privacy.epsilon_budget needs privacy.noise_multiplier > 0 (without noise epsilon is "
-                             "infinite)")
-        if self.site == "local" and self.noise_multiplier == 0:
-            raise ValueError("privacy.site='local' needs privacy.noise_multiplier > 0")
+        if self.epsilon_budget != "none" and not noised:
+            raise ValueError("privacy.epsilon_budget needs privacy.noise_multiplier > 0 or privacy.target_epsilon "
+                             "(without noise epsilon is infinite)")
+        if self.site == "local" and not noised:
+            raise ValueError("privacy.site='local' needs privacy.noise_multiplier > 0 or privacy.target_epsilon")
         return self
 
     @property
     def enabled(self) -> bool:
-        return self.clip != "none" or self.noise_multiplier > 0
+        return self.clip != "none" or self.noise_multiplier > 0 or self.target_epsilon != "none"
 
 
 class EvalSection(_Section):
@@ -283,15 +293,45 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+#: sections whose extra keys belong to the plugin a selector key chooses (``strategy.name``,
+#: ``compression.codec``); the section's own fields are the keys every plugin shares
+PLUGIN_SELECTORS = {"strategy": "name", "compression": "codec"}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list, *, dropped: list[str] | None = None) -> dict[str, Any]:
+    """Apply overrides to a nested config dict (a copy); the one rule behind ``--set``, section
+    replacement, ``flwr run --run-config`` keys and study points.
+
+    Each override is ``"section.key=value"`` (parsed by :func:`parse_override`) or a
+    ``(path, value)`` pair. Semantics:
+
+    - ``section.key=value`` sets one key; ``section={...}`` replaces the whole section;
+    - switching a plugin — ``strategy.name`` or ``compression.codec`` to a different value —
+      drops the options of the previous plugin that came from the file (or an earlier layer),
+      keeping the keys every plugin shares (``strategy.aggregator`` …) and every key given in
+      the same batch of overrides, whatever its position. So
+      ``stamen run fedprox.toml --set strategy.name=fedavg`` works (``strategy.proximal_mu`` is
+      dropped) and ``--set strategy.proximal_mu=0.1 --set strategy.name=fedprox`` keeps μ.
+      The dropped keys are appended to ``dropped`` (the CLI prints them).
+    """
     data = json.loads(json.dumps(data))  # deep copy of plain data
-    for item in overrides:
-        path, value = parse_override(item)
+    items = [parse_override(o) if isinstance(o, str) else (list(o[0]), o[1]) for o in overrides]
+    given = {tuple(path) for path, _ in items}
+    for path, value in items:  # plugin switches first: the batch's own plugin options survive them
+        if len(path) == 2 and PLUGIN_SELECTORS.get(path[0]) == path[1]:
+            model = StamenConfig.model_fields[path[0]].annotation
+            section = data.get(path[0])
+            if isinstance(section, dict) and section.get(path[1], model.model_fields[path[1]].default) != value:
+                for key in [k for k in section if k not in model.model_fields and (path[0], k) not in given]:
+                    del section[key]
+                    if dropped is not None:
+                        dropped.append(f"{path[0]}.{key}")
+    for path, value in items:
         node = data
         for p in path[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: '{p}' is not a section")
+                raise ConfigError(f"override {'.'.join(path)}: '{p}' is not a section")
         node[path[-1]] = value
     return data
 
@@ -306,10 +346,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> StamenConfig:
-    """Load a config: defaults, then the TOML file (if any), then ``--set`` overrides."""
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         dropped: list[str] | None = None) -> StamenConfig:
+    """Load a config: defaults, then the TOML file (if any), then ``--set`` overrides (:func:`apply_overrides`)."""
     data = read_toml(path) if path else {}
-    return validate(apply_overrides(data, overrides or []))
+    return validate(apply_overrides(data, overrides or [], dropped=dropped))
 
 
 # -- Flower run_config <-> StamenConfig ---------------------------------------------
@@ -323,20 +364,14 @@ def from_flat(flat: dict[str, Any]) -> StamenConfig:
 
     ``config-file`` (if set) names a TOML file loaded first; ``overrides`` holds
     ``;``-separated ``section.key=value`` items; any other ``section.key`` entry is an
-    override too. Empty-string entries are ignored.
+    override too, with Flower's typed value. Empty-string entries are ignored. All of them go
+    through :func:`apply_overrides`, as ``--set`` does.
     """
     base: dict[str, Any] = read_toml(flat["config-file"]) if flat.get("config-file") else {}
-    items = [i.strip() for i in str(flat.get("overrides", "")).split(";") if i.strip()]
-    base = apply_overrides(base, items)
-    for key, value in flat.items():
-        if key in ("config-file", "overrides") or value == "":
-            continue
-        parts = key.split(".")
-        node = base
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return validate(base)
+    items: list = [i.strip() for i in str(flat.get("overrides", "")).split(";") if i.strip()]
+    items += [(key.split("."), value) for key, value in flat.items()
+              if key not in ("config-file", "overrides") and value != ""]
+    return validate(apply_overrides(base, items))
 
 
 def dump_toml(data: dict[str, Any]) -> str:

@@ -77,14 +77,11 @@ def simulate(cfg: StamenConfig, out_dir: str | Path, *, resume: bool = False,
 
 
 def preflight(cfg: StamenConfig) -> None:
-    """Build everything a run needs once, so bad options fail before Ray starts."""
-    from stamen.sketching.codec import make_codec
-    from stamen.strategies.registry import build_strategy
+    """Build everything a run needs once, so that a bad option or a combination that cannot run
+    correctly fails before Ray starts: the round pipeline with its capability checks
+    (``strategies/preflight.py``; exit 2 with one message naming the keys), and the task."""
+    from stamen.strategies.preflight import build_pipeline
     from stamen.tasks.task import load_task
 
-    build_strategy(cfg)
-    try:
-        make_codec(cfg.compression.codec, **cfg.compression.options())
-    except TypeError as err:
-        raise ValueError(f"bad compression.* options for codec {cfg.compression.codec!r}: {err}") from None
+    build_pipeline(cfg, calibrate=False)
     load_task(cfg.task, cfg.federation.clients, cfg.run.seed).new_model()

@@ -1,5 +1,5 @@
-"""Strategy ``curriculum``: curricula for data and for clients (Vahidian et al., ICCV 2023;
-``/work/shared/specs/curriculum.md``).
+"""Strategy ``curriculum``: curricula for data and for clients (Vahidian, Kadaveru, Baek, Wang,
+Kungurtsev, Chen, Bhatti, Chen, "When Do Curricula Work in Federated Learning?", ICCV 2023).
 
 Server duty: FedAvg aggregation, plus **client selection by curriculum** (``client_curriculum``):
 clients are scored by the mean difficulty of their data, ordered (``client_ordering``), and a
@@ -30,7 +30,9 @@ To use the data curriculum under another strategy, set ``task.curriculum`` (and
 curriculum trainer whenever the strategy asks for no trainer of its own.
 
 Client selection reuses :class:`ClientCurriculum` from ``tasks/curriculum.py`` (pure code both
-sides share: pacing functions, orderings, scorers).
+sides share: pacing functions, orderings, scorers). Under differential privacy client selection
+by curriculum is refused before the run starts (the scores are an unprivatized release of
+client data); the data curriculum alone (``client_curriculum = false``) is allowed.
 """
 
 from __future__ import annotations
@@ -40,20 +42,20 @@ import math
 from typing import Any, Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
-from stamen import protocol as P
+from stamen import schema as S
+from stamen.core import Capabilities, derive_seed
+from stamen.schema import query as Q
+from stamen.schema import train as T
+from stamen.strategies.method import FLOWER_NO_SAMPLING, UpdateMethod
+from stamen.strategies.registry import Options, StrategySpec, register_strategy
+from stamen.strategies.sampling import sample_count
 from stamen.tasks.curriculum import ClientCurriculum
-from stamen.sketching.codec import derive_seed
-from stamen.strategies.base import StamenStrategy, sample_count
-from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, register_strategy
 
 log = logging.getLogger("stamen.strategy")
-
-SCORE_QUERY = "curriculum-score"  # the client's query handler (client/trainers_curriculum.py)
-CLIENT_SCORE = "client-score"
 
 Ordering = Literal["curriculum", "anti", "random", "vanilla"]
 Pacing = Literal["linear", "quad", "root", "exp", "log", "step"]
@@ -86,142 +88,134 @@ class CurriculumOptions(Options):
                                "over the clients, ceil(N/K)")
 
 
-class CurriculumStrategy(StamenStrategy, FedAvg):
+_NOTES = {"selection": "curriculum client selection orders clients by the losses they report",
+          "selection_fix": "set strategy.client_curriculum=false to keep the data curriculum, which stays on each "
+                           "client, or turn privacy off"}
+
+
+class CurriculumMethod(UpdateMethod):
     """FedAvg + curriculum data ordering on the clients + curriculum client selection."""
 
-    _transient = StamenStrategy._transient + ("timeout", "rounds")  # from the run config, not state
-
-    def __init__(self, options: CurriculumOptions, *, rounds: int, timeout: float):
-        super().__init__(**_FLOWER_SAMPLING)
-        self.options = options.model_dump()
-        self.rounds, self.timeout = int(rounds), float(timeout)
+    def __init__(self, options: CurriculumOptions, *, rounds: int, codec: str, codec_options: dict):
+        super().__init__(FedAvg(**FLOWER_NO_SAMPLING), codec=codec, codec_options=codec_options)
+        self.options = options
+        self.rounds = int(rounds)
         self.selector: ClientCurriculum | None = None
         self.last_scoring_round = 0
         self.selected: list[int] = []
         self.round_cost = {"scoring_evaluations": 0, "scoring_bytes": 0, "score_reports": 0}
 
-    # -- options as the clients read them ----------------------------------------------
     @property
-    def _client_selection(self) -> bool:
-        return bool(self.options["client_curriculum"])
+    def capabilities(self) -> Capabilities:
+        o = self.options
+        trainer = "curriculum" if (o.data_curriculum or self._stale) else "sgd"
+        if not o.client_curriculum:
+            return Capabilities(aggregation="update", trainer=trainer)
+        return Capabilities(aggregation="update", trainer=trainer, selection="data_dependent", notes=_NOTES)
 
     @property
     def _stale(self) -> bool:
-        return self._client_selection and self.options["client_scoring"] == "stale"
+        return self.options.client_curriculum and self.options.client_scoring == "stale"
 
     def scoring_options(self) -> dict[str, Any]:
         o = self.options
-        return {"curriculum-scorer": o["scorer"], "curriculum-score": o["score"],
-                "curriculum-expert-epochs": o["expert_epochs"]}
+        return {T.CURRICULUM_SCORER: o.scorer, T.CURRICULUM_SCORE: o.score,
+                T.CURRICULUM_EXPERT_EPOCHS: o.expert_epochs}
 
-    def client_instructions(self, server_round: int) -> dict[str, Any]:
-        base = super().client_instructions(server_round)
+    def instructions(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        base = super().instructions(server_round, arrays)
         o = self.options
-        if not o["data_curriculum"] and not self._stale:
+        if not o.data_curriculum and not self._stale:
             return base  # plain sgd clients
-        ordering = o["ordering"] if o["data_curriculum"] else "vanilla"
-        return {**base, "trainer": "curriculum", "curriculum-ordering": ordering, "curriculum-pacing": o["pacing"],
-                "curriculum-a": o["a"], "curriculum-b": o["b"], **self.scoring_options(),
-                "curriculum-report-score": self._stale}
+        return {**base, T.TRAINER: "curriculum", T.CURRICULUM_ORDERING: o.ordering if o.data_curriculum else "vanilla",
+                T.CURRICULUM_PACING: o.pacing, T.CURRICULUM_A: o.a, T.CURRICULUM_B: o.b, **self.scoring_options(),
+                T.CURRICULUM_REPORT_SCORE: self._stale}
 
-    # -- selection ---------------------------------------------------------------------
+    # -- selection -------------------------------------------------------------------------
     def clients_per_round(self) -> int:
-        return sample_count(self.stamen_fraction_train, len(self.nodes))
+        return sample_count(self.run.fraction_train, len(self.run.nodes))
 
     def rescore_interval(self) -> int:
-        every = self.options["rescore_every"]
-        return every if every > 0 else math.ceil(len(self.nodes) / self.clients_per_round())
+        every = self.options.rescore_every
+        return every if every > 0 else math.ceil(len(self.run.nodes) / self.clients_per_round())
 
     def _scoring_due(self, server_round: int) -> bool:
         if self.selector is None:
             return True
         return not self._stale and server_round - self.last_scoring_round >= self.rescore_interval()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
+    def before_round(self, server_round: int, arrays: ArrayRecord) -> None:
         self.round_cost = {"scoring_evaluations": 0, "scoring_bytes": 0, "score_reports": 0}
-        if self._client_selection:
-            if self._scoring_due(server_round):
-                self._scoring_round(server_round, arrays, grid)
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, server_round, "client-curriculum"))
-            self.selected = sorted(self.selector.select(server_round, gen))
-        return super().configure_train(server_round, arrays, config, grid)
+        if not self.options.client_curriculum:
+            return
+        if self._scoring_due(server_round):
+            self._scoring_round(server_round, arrays)
+        gen = torch.Generator().manual_seed(derive_seed(self.run.seed, server_round, "client-curriculum"))
+        self.selected = sorted(self.selector.select(server_round, gen))
 
-    def sample_partitions(self, server_round: int, fraction: float, purpose: str = "train") -> list[int]:
-        if purpose == "train" and self._client_selection:
-            return list(self.selected)
-        return super().sample_partitions(server_round, fraction, purpose)
+    def select(self, server_round: int, sampled: list[int]) -> list[int]:
+        return list(self.selected) if self.options.client_curriculum else sampled
 
-    def _scoring_round(self, server_round: int, arrays: ArrayRecord, grid) -> None:
+    def _scoring_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Every client scores the global model on its data; the selector gets the new scores."""
-        config = ConfigRecord({"server-round": server_round, "query": SCORE_QUERY, **self.scoring_options()})
-        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
-        messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=nid)
-                    for nid in self.nodes.values()]
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        scores = {}
-        for reply in replies:
-            if reply.has_error():
-                log.warning("round %d: node %s failed its scoring query: %s", server_round,
-                            reply.metadata.src_node_id, reply.error.reason)
-                continue
-            try:
-                pid = int(reply.content.config_records[P.META][P.PARTITION_ID])
-                score = float(reply.content.metric_records[P.METRICS][CLIENT_SCORE])
-            except (KeyError, TypeError, ValueError) as err:
-                log.warning("round %d: malformed scoring reply from node %s: %s", server_round,
-                            reply.metadata.src_node_id, err)
-                continue
-            if pid in self.nodes and math.isfinite(score):
-                scores[pid] = score
+        extra = {Q.QUERY: Q.CURRICULUM_SCORE_QUERY, **self.scoring_options()}
+        done = self.run.exchange(
+            "curriculum-score", server_round, sorted(self.run.nodes),
+            lambda identity: RecordDict({S.ARRAYS: arrays, S.CONFIG: ConfigRecord({**extra, **identity})}),
+            MessageType.QUERY, required_metrics=(T.CLIENT_SCORE,))
+        scores = {r.pid: float(r.metrics[T.CLIENT_SCORE]) for r in done.verdict.accepted}
         if len(scores) < self.clients_per_round():
-            raise RuntimeError(f"round {server_round}: only {len(scores)} of {len(self.nodes)} clients answered the "
-                               f"curriculum scoring query; {self.clients_per_round()} are needed per round")
+            raise RuntimeError(f"round {server_round}: only {len(scores)} of {len(self.run.nodes)} clients answered "
+                               f"the curriculum scoring query validly; {self.clients_per_round()} are needed per round")
         self._update_scores(scores)
         self.last_scoring_round = server_round
-        self.round_cost["scoring_evaluations"] += len(replies)
-        self.round_cost["scoring_bytes"] += (len(messages) * P.content_bytes(content)
-                                             + sum(P.message_bytes(r) for r in replies))
+        self.round_cost["scoring_evaluations"] += done.messages
+        self.round_cost["scoring_bytes"] += done.downlink_bytes + done.uplink_bytes
+
+    def _new_selector(self, scores: dict[int, float]) -> ClientCurriculum:
+        o, k = self.options, self.clients_per_round()
+        return ClientCurriculum(scores, ordering=o.client_ordering, pacing=o.client_pacing, a=o.client_a,
+                                b=o.client_b, total_updates=self.rounds * k, clients_per_round=k)
 
     def _update_scores(self, scores: dict[int, float]) -> None:
         if self.selector is None:
-            k = self.clients_per_round()
-            o = self.options
-            self.selector = ClientCurriculum(scores, ordering=o["client_ordering"], pacing=o["client_pacing"],
-                                             a=o["client_a"], b=o["client_b"], total_updates=self.rounds * k,
-                                             clients_per_round=k)
+            self.selector = self._new_selector(scores)
         else:
             self.selector.update_scores(scores)
 
-    # -- stale scores ride on the train replies ----------------------------------------
-    def decode_replies(self, server_round: int, replies: list[Message]):
-        accepted = super().decode_replies(server_round, replies)
+    # -- stale scores ride on the train replies ----------------------------------------------
+    def after_round(self, server_round: int, accepted: list, stepped) -> None:
         if self._stale and self.selector is not None:
-            fresh = {}
-            for e in accepted:
-                score = e.metrics.get(CLIENT_SCORE)
-                if score is not None:
-                    fresh[e.pid] = float(score)
+            fresh = {r.pid: float(r.metrics[T.CLIENT_SCORE]) for r in accepted if T.CLIENT_SCORE in r.metrics}
             if fresh:
                 self.selector.update_scores(fresh)
             self.round_cost["score_reports"] = len(fresh)
-        return accepted
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        if self.selector is not None:  # a resumed run may have more rounds: pace clients over the new horizon
-            self.selector.total_updates = self.rounds * self.selector.clients_per_round
-
+    # -- records ------------------------------------------------------------------------------
     def round_metrics(self, server_round: int) -> dict[str, Any]:
         row = dict(self.round_cost)
         if self.selector is not None:
             row["client_pool"] = self.selector.pool_size(server_round)
         return row
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "last_scoring_round": self.last_scoring_round,
+                "selector": None if self.selector is None else self.selector.state_dict()}
 
-def build_curriculum(options: CurriculumOptions, cfg) -> CurriculumStrategy:
-    return CurriculumStrategy(options, rounds=cfg.run.rounds, timeout=cfg.federation.round_timeout_s)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.last_scoring_round = int(state["last_scoring_round"])
+        if state["selector"] is not None:  # a resumed run may have more rounds: pace clients over the new horizon
+            self.selector = self._new_selector(dict(state["selector"]["scores"]))
+            self.selector.load_state_dict(state["selector"])
+
+
+def build_curriculum(options: CurriculumOptions, cfg) -> CurriculumMethod:
+    return CurriculumMethod(options, rounds=cfg.run.rounds, codec=cfg.compression.codec,
+                            codec_options=cfg.compression.options())
 
 
 register_strategy(StrategySpec(
     "curriculum", build_curriculum, CurriculumOptions,
-    "Curricula for FL (Vahidian et al. 2023): clients train easy-to-hard paced data; curriculum client selection"))
+    "Curricula for FL (Vahidian et al. 2023): clients train easy-to-hard paced data; curriculum client selection",
+    Capabilities(aggregation="update", trainer="curriculum", selection="data_dependent", notes=_NOTES)))

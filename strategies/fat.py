@@ -1,4 +1,5 @@
-"""Strategy ``fat``: federated adversarial training (Li, Song, Yang, ICML 2023; ``/work/shared/specs/adversarial.md``).
+"""Strategy ``fat``: federated adversarial training (Li, Song, Yang, "Federated Adversarial Learning:
+A Framework with Convergence Analysis", ICML 2023).
 
 Server duty: FedAvg's example-weighted mean m of the client models, applied with a global
 learning rate η_g::
@@ -32,10 +33,11 @@ import numpy as np
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
-from stamen import protocol as P
+from stamen.core import Capabilities
+from stamen.schema import train as T
 from stamen.server.evaluation import DEFAULT_THREATS, default_threat_model
-from stamen.strategies.base import StamenStrategy
-from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, register_strategy
+from stamen.strategies.method import FLOWER_NO_SAMPLING, UpdateMethod
+from stamen.strategies.registry import Options, StrategySpec, register_strategy
 
 
 class FatOptions(Options):
@@ -52,15 +54,18 @@ class FatOptions(Options):
                              description="global learning rate η_g: w ← w + η_g·(mean − w); 1 is FedAvg")
 
 
-class FatStrategy(StamenStrategy, FedAvg):
+CAPABILITIES = Capabilities(aggregation="update", trainer="adversarial")
+
+
+class FatMethod(UpdateMethod):
     """FedAvg with a global learning rate, whose clients train adversarially (PGD)."""
 
-    #: server/evaluation.py turns robust evaluation on when eval.robust is unset
-    robust_eval_default = True
+    capabilities = CAPABILITIES
+    robust_eval_default = True  # server/evaluation.py turns robust evaluation on when eval.robust is unset
 
     def __init__(self, *, eps: float, norm: str, steps: int, step_size: float | None, random_start: bool,
-                 mix: float, server_lr: float, default_threat: dict[str, Any]):
-        super().__init__(**_FLOWER_SAMPLING)
+                 mix: float, server_lr: float, default_threat: dict[str, Any], codec: str, codec_options: dict):
+        super().__init__(FedAvg(**FLOWER_NO_SAMPLING), codec=codec, codec_options=codec_options)
         self.eps, self.norm, self.steps, self.step_size = float(eps), norm, int(steps), step_size
         self.random_start, self.mix, self.server_lr = bool(random_start), float(mix), float(server_lr)
         self.default_threat = dict(default_threat)
@@ -70,10 +75,10 @@ class FatStrategy(StamenStrategy, FedAvg):
     def resolved_step_size(self) -> float:
         return float(self.step_size) if self.step_size is not None else 2.5 * self.eps / self.steps
 
-    def client_instructions(self, server_round: int) -> dict[str, Any]:
-        return {**super().client_instructions(server_round), "trainer": "adversarial",
-                "attack-eps": self.eps, "attack-steps": self.steps, "attack-step-size": self.resolved_step_size,
-                "attack-norm": self.norm, "attack-mix": self.mix, "attack-random-start": self.random_start}
+    def instructions(self, server_round, arrays) -> dict[str, Any]:
+        return {**super().instructions(server_round, arrays), T.TRAINER: "adversarial", T.ATTACK_EPS: self.eps,
+                T.ATTACK_STEPS: self.steps, T.ATTACK_STEP_SIZE: self.resolved_step_size, T.ATTACK_NORM: self.norm,
+                T.ATTACK_MIX: self.mix, T.ATTACK_RANDOM_START: self.random_start}
 
     def describe_training_attack(self) -> dict[str, Any]:
         return {"kind": "pgd", "norm": self.norm, "eps": self.eps, "steps": self.steps,
@@ -84,20 +89,18 @@ class FatStrategy(StamenStrategy, FedAvg):
         """What the robust evaluation attacks with: the training ball, or the task's default when ε = 0."""
         return {"norm": self.norm, "eps": self.eps} if self.eps > 0 else dict(self.default_threat)
 
-    # -- aggregation -------------------------------------------------------------------
-    def aggregate_train(self, server_round: int, replies):
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or self.server_lr == 1.0:
-            return arrays, metrics
-        mean = P.from_array_record(arrays)
+    # -- the server step ------------------------------------------------------------------
+    def step(self, server_round, global_arrays, aggregate, total_weight):
+        mean = super().step(server_round, global_arrays, aggregate, total_weight)
+        if mean is None or self.server_lr == 1.0:
+            return mean
         eta = np.float32(self.server_lr)
-        stepped = {k: (self._global[k].astype(np.float32)
-                       + eta * (mean[k].astype(np.float32) - self._global[k].astype(np.float32))).astype(np.float32)
-                   for k in mean}
-        return P.to_array_record(stepped), metrics
+        return {k: (global_arrays[k].astype(np.float32)
+                    + eta * (mean[k].astype(np.float32) - global_arrays[k].astype(np.float32))).astype(np.float32)
+                for k in mean}
 
 
-def build_fat(options: FatOptions, cfg) -> FatStrategy:
+def build_fat(options: FatOptions, cfg) -> FatMethod:
     input_range = None
     if cfg.task.dataset not in DEFAULT_THREATS:  # only then is the data needed (for its input range)
         from stamen.tasks.task import load_task
@@ -106,12 +109,12 @@ def build_fat(options: FatOptions, cfg) -> FatStrategy:
     threat = default_threat_model(cfg.task.dataset, input_range)
     eps = options.eps if options.eps is not None else threat["eps"]
     norm = options.norm or threat["norm"]
-    return FatStrategy(eps=eps, norm=norm, steps=options.steps, step_size=options.step_size,
-                       random_start=options.random_start, mix=options.mix, server_lr=options.server_lr,
-                       default_threat=threat)
+    return FatMethod(eps=eps, norm=norm, steps=options.steps, step_size=options.step_size,
+                     random_start=options.random_start, mix=options.mix, server_lr=options.server_lr,
+                     default_threat=threat, codec=cfg.compression.codec, codec_options=cfg.compression.options())
 
 
 register_strategy(StrategySpec(
     "fat", build_fat, FatOptions,
     "Federated adversarial training (Li et al. 2023): clients train on PGD examples, FedAvg with global lr η_g; "
-    "robust evaluation on by default"))
+    "robust evaluation on by default", CAPABILITIES))

@@ -1,7 +1,7 @@
 """Strategy ``fedkseed``: zeroth-order local training along K seeded directions (the Ferret paper's baseline).
 
-Qin et al., "Federated Full-Parameter Tuning of Billion-Sized Language Models with
-Communication Cost under 18 Kilobytes" (ICML 2024); ``/work/shared/specs/ferret.md`` (pitfalls).
+Qin, Chen, Yao, Wang, Ding, Deng, "Federated Full-Parameter Tuning of Billion-Sized Language
+Models with Communication Cost under 18 Kilobytes" (ICML 2024).
 
 **Client duty** (trainer ``fedkseed``, ``client/trainers_ferret.py``). ``local_steps`` times: pick
 a pool index k uniformly, take the shared direction z_k (drawn from the k-th of the run's K pool
@@ -36,19 +36,17 @@ the server's reconstruction costs one direction per distinct seed used in the ro
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import Field
 
 from stamen.config import ConfigError
-from stamen import protocol as P
-from stamen.sketching.codec import Layout
+from stamen.core import Layout
+from stamen.schema import train as T
 from stamen.sketching.ferret import FerretCodec, block_partition
-from stamen.strategies.ferret import DOWNLINK_NAME, SERVER_LR, FerretStrategy, check_plain_config
+from stamen.strategies.ferret import COEFFICIENTS, FerretMethod
 from stamen.strategies.registry import Options, StrategySpec, register_strategy
-
-# Message config entries shared with client/trainers_ferret.py
-ZO_STEPS, ZO_EPS, ZO_LR = "zo-steps", "zo-eps", "zo-lr"
 
 
 class FedKSeedOptions(Options):
@@ -60,43 +58,43 @@ class FedKSeedOptions(Options):
     downlink: Literal["coefficients", "dense"] = "coefficients"
 
 
-class FedKSeedStrategy(FerretStrategy):
+class FedKSeedMethod(FerretMethod):
     """FedKSeed on Ferret's machinery: see the module docstring."""
 
+    capabilities = replace(COEFFICIENTS, trainer="fedkseed")
     wire_codec = "fedkseed"
 
-    def codec_options(self, layout: Layout) -> dict[str, Any]:
-        # one block over the whole model: the block limit ratio × median(numel) must reach d
-        return {"K": self.options.K, "value_dtype": "fp32", "block_ratio": float(max(layout.d, 1)), "clip": None,
-                "pool_scope": "run"}
-
-    def make_codec(self, layout: Layout) -> FerretCodec:
-        options = self.codec_options(layout)
+    def build_codec(self, layout: Layout) -> FerretCodec:
+        options = self.layout_codec_options(layout)
         if len(block_partition(layout, options["block_ratio"])) != 1:
             raise ConfigError("strategy 'fedkseed' needs the model as one block, but its parameter layout does not "
                               "pack into one (more than half of its tensors are empty)")
         return FerretCodec(**options)
 
-    def client_instructions(self, server_round: int) -> dict[str, Any]:
+    def layout_codec_options(self, layout: Layout) -> dict[str, Any]:
+        # one block over the whole model: the block limit ratio × median(numel) must reach d
+        return {"K": self.options.K, "value_dtype": "fp32", "block_ratio": float(max(layout.d, 1)), "clip": None,
+                "pool_scope": "run"}
+
+    def instructions(self, server_round, arrays) -> dict[str, Any]:
         o = self.options
-        out = {P.CODEC: self.wire_codec, "codec-options": json.dumps(self.codec_options(self.layout), sort_keys=True),
-               "trainer": "fedkseed", ZO_STEPS: int(o.local_steps), ZO_EPS: float(o.eps), ZO_LR: float(o.lr)}
-        if o.downlink == "coefficients":
-            out.update({"downlink": DOWNLINK_NAME, SERVER_LR: float(o.server_lr)})
+        out = {T.CODEC_OPTIONS: json.dumps(self.layout_codec_options(self.run.layout), sort_keys=True),
+               T.TRAINER: "fedkseed", T.ZO_STEPS: int(o.local_steps), T.ZO_EPS: float(o.eps), T.ZO_LR: float(o.lr)}
+        if self.downlink.enabled:
+            out[T.FERRET_SERVER_LR] = float(o.server_lr)
         return out
 
     def summary_metrics(self) -> dict[str, Any]:
         o = self.options
         return {"fedkseed": {"K": o.K, "local_steps": o.local_steps, "eps": o.eps, "lr": o.lr,
-                             "downlink": o.downlink, "parameters": self.layout.d}}
+                             "downlink": o.downlink, "parameters": self.run.layout.d}}
 
 
-def build_fedkseed(options: FedKSeedOptions, cfg) -> FedKSeedStrategy:
-    check_plain_config(cfg, "fedkseed")
-    return FedKSeedStrategy(options)
+def build_fedkseed(options: FedKSeedOptions, cfg) -> FedKSeedMethod:
+    return FedKSeedMethod(options)
 
 
 register_strategy(StrategySpec(
     "fedkseed", build_fedkseed, FedKSeedOptions,
     "FedKSeed (Qin et al. 2024): zeroth-order local steps along K seeded directions; clients send one scalar per "
-    "seed used, the server aggregates scalars per seed"))
+    "seed used, the server aggregates scalars per seed", FedKSeedMethod.capabilities))

@@ -1,16 +1,18 @@
-"""FedLEx: federated loss exploration with a guidance matrix (``/work/shared/specs/fedlex.md``).
+"""FedLEx: federated loss exploration with a guidance matrix.
 
 Internò, Olhofer, Jin, Hammer, "Federated Loss Exploration for Improved Convergence on
 Non-IID Data" (IJCNN 2024). FedLEx is a plug-in in front of a base aggregation rule
 (``strategy.base``: fedavg, fedavgm, fedadam, fedprox, ... any registered strategy whose
-clients send updates). :func:`build_fedlex` builds the base through the registry exactly as
-``strategy.name = <base>`` would (the base's own ``strategy.*`` options and validation), then
-re-classes that object to ``FedLEx<Base>`` = (:class:`FedLExMixin`, the base's class): FedLEx's
-four round methods wrap the base's through ``super()``, and the base's state (momentum, Adam
-moments) is checkpointed with FedLEx's. A base that gives its clients a trainer of its own is
-refused (FedLEx replaces the local trainer). What FedLEx adds, server side and client side:
+clients send updates aggregated in parameter space). :func:`build_fedlex` builds the base's
+method through the registry exactly as ``strategy.name = <base>`` would (the base's own
+``strategy.*`` options and validation) and puts :class:`FedLEx` in front of it by
+composition: FedLEx adds the exploration phase, the guidance entries of each train message
+and the guided trainer; the base aggregates and steps, and its state (momentum, Adam moments)
+is checkpointed inside FedLEx's. A base that gives its clients a trainer of its own is
+refused (FedLEx replaces the local trainer). Under DP the run is refused: the exploration
+uploads are outside the mechanism. What FedLEx adds, server side and client side:
 
-**Exploration** (once, inside round 1's ``configure_train``, before that round's sampling).
+**Exploration** (once, before round 1's sampling, through the pipeline's acceptance).
 A seeded fraction ``explorer_fraction`` of the partitions get a train message with
 ``trainer = "explore"``, ``server-round = 0`` and the initial weights W0. Each explorer loads
 W0 into its model (its own copy: the message's arrays are never trained in place), trains it
@@ -76,9 +78,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from pydantic import ConfigDict, Field
 
-from stamen import protocol as P
-from stamen.sketching.codec import CodecContext, Layout, PayloadError, make_codec
-from stamen.strategies.base import StamenStrategy
+from stamen import schema as S
+from stamen.core import Capabilities, Layout
+from stamen.schema import train as T
+from stamen.sketching.codec import make_codec
+from stamen.strategies.method import Method
 from stamen.strategies.registry import (
     Options,
     StrategyConfigError,
@@ -90,11 +94,7 @@ from stamen.strategies.registry import (
 
 log = logging.getLogger("stamen.strategy.fedlex")
 
-# Message config entries shared with the client's trainers (client/trainers_guided.py).
 TRAINER_EXPLORE, TRAINER_GUIDED = "explore", "guided"
-EXPLORATION_EPOCHS, EXPLORATION_PATIENCE, EXPLORATION_HOLDOUT = (
-    "exploration-epochs", "exploration-patience", "exploration-holdout")
-GUIDANCE, GUIDANCE_VERSION = "fedlex-guidance", "fedlex-guidance-version"
 EXPLORATION_ROUND = 0  # the ``server-round`` of exploration messages: they precede round 1
 
 Normalization = Literal["normalize_then_average", "average_then_normalize"]
@@ -173,82 +173,76 @@ class FedLExOptions(Options):
         "none", description="ablation, not in the paper: unit_mean divides each tensor of G by its mean")
 
 
-class FedLExMixin:
-    """Placed in front of a bound Stamen strategy class; see the module docstring."""
+class FedLEx(Method):
+    """FedLEx in front of a base method (composition: ``self.base`` aggregates and steps)."""
 
-    _transient = StamenStrategy._transient + (
-        "fedlex_options", "exploration_timeout", "guidance_holders", "_round", "_dense")
-
-    # set by build_fedlex
-    fedlex_options: FedLExOptions
-    exploration_timeout: float
-
-    def _init_fedlex(self, options: FedLExOptions, timeout: float) -> None:
-        self.fedlex_options, self.exploration_timeout = options, timeout
+    def __init__(self, base: Method, options: FedLExOptions, timeout: float):
+        self.base, self.fedlex_options, self.exploration_timeout = base, options, timeout
+        self.codec_name, self.codec_options, self.wire_codec = base.codec_name, base.codec_options, base.wire_codec
         self.explored = False
         self.displacements: dict[int, dict[str, np.ndarray]] = {}  # partition id -> D_i
         self.guidance: dict[str, np.ndarray] | None = None  # the global G
         self.exploration: dict[str, Any] = {}
         self.total_guidance_downlink_bytes = 0
-        self.guidance_holders: dict[int, str] = {}  # node id -> G version it acknowledged
+        self.guidance_holders: dict[int, str] = {}  # node id -> G version it acknowledged (not checkpointed)
         self._round: dict[str, Any] = {}
         self._dense = make_codec("dense")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.guidance_holders = {}  # a resumed run talks to nodes with fresh state
+    @property
+    def capabilities(self) -> Capabilities:
+        base = self.base.capabilities
+        return Capabilities(
+            aggregation=base.aggregation, codecs=base.codecs, privacy_sites=base.privacy_sites, robust=base.robust,
+            selection=base.selection, linear=base.linear, trainer=TRAINER_GUIDED,
+            extra_releases=(*base.extra_releases, "exploration uploads (each explorer's update from the initial "
+                                                  "weights, squared into the guidance matrix)"),
+            notes={**base.notes, "release_fix": "FedLEx's exploration is not privatized; unset privacy.* or use "
+                                                "strategy.base as the strategy itself"})
+
+    def build_codec(self, layout: Layout):
+        return self.base.build_codec(layout)
+
+    def bind(self, run) -> None:
+        super().bind(run)
+        self.base.bind(run)
 
     # -- exploration ----------------------------------------------------------------------
-    def explore(self, arrays: ArrayRecord, grid) -> None:
+    def before_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        if not self.explored:
+            self.explore(arrays)
+            self._explored_now = True
+        else:
+            self._explored_now = False
+        self.base.before_round(server_round, arrays)
+
+    def explore(self, arrays: ArrayRecord) -> None:
         """Send W0 to the explorers, collect their displacements, build the global G."""
         o = self.fedlex_options
-        pids = self.sample_partitions(EXPLORATION_ROUND, o.explorer_fraction, "explore")
-        config = ConfigRecord({"server-round": EXPLORATION_ROUND, "trainer": TRAINER_EXPLORE,
-                               P.CODEC: "dense", "codec-options": "{}", EXPLORATION_EPOCHS: o.exploration_epochs,
-                               EXPLORATION_PATIENCE: o.patience, EXPLORATION_HOLDOUT: o.holdout_fraction})
-        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
-        messages = [Message(content=content, dst_node_id=self.nodes[pid], message_type=MessageType.TRAIN)
-                    for pid in pids]
+        pids = self.run.sample(EXPLORATION_ROUND, o.explorer_fraction, "explore")
+        config = {T.TRAINER: TRAINER_EXPLORE, T.CODEC: "dense", T.CODEC_OPTIONS: "{}",
+                  T.EXPLORATION_EPOCHS: o.exploration_epochs, T.EXPLORATION_PATIENCE: o.patience,
+                  T.EXPLORATION_HOLDOUT: o.holdout_fraction}
+        ctx = self.run.ctx(EXPLORATION_ROUND)
         t0 = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=self.exploration_timeout))
+        done = self.run.exchange(
+            "explore", EXPLORATION_ROUND, pids,
+            lambda identity: RecordDict({S.ARRAYS: arrays, S.CONFIG: ConfigRecord({**config, **identity})}),
+            MessageType.TRAIN, codec="dense", timeout=self.exploration_timeout,
+            decode=lambda r: self._dense.decode(r.payload, ctx))
         wall = time.perf_counter() - t0
         epochs = {}
-        for reply in replies:
-            try:
-                pid, delta, metrics = self._check_exploration_reply(reply, pids)
-            except (PayloadError, ValueError, KeyError, TypeError) as err:
-                log.warning("exploration: rejected reply from node %s: %s", reply.metadata.src_node_id, err)
-                continue
-            self.displacements[pid] = squared_displacement(self.layout.unflatten(delta))
-            epochs[pid] = int(metrics.get("exploration_epochs_run", -1))
+        for reply in done.verdict.accepted:
+            self.displacements[reply.pid] = squared_displacement(self.run.layout.unflatten(reply.contribution))
+            epochs[reply.pid] = int(reply.metrics.get("exploration_epochs_run", -1))
         explorers = sorted(self.displacements)
-        self.exploration = {
-            "explorers": explorers, "asked": len(pids), "rejected": len(pids) - len(explorers),
-            "epochs_run": [epochs[p] for p in explorers], "wall_s": wall,
-            "downlink_bytes": len(messages) * P.content_bytes(content),
-            "uplink_bytes": sum(P.message_bytes(r) for r in replies),
-        }
+        self.exploration = {"explorers": explorers, "asked": len(pids), "rejected": len(pids) - len(explorers),
+                            "epochs_run": [epochs[p] for p in explorers], "wall_s": wall,
+                            "downlink_bytes": done.downlink_bytes, "uplink_bytes": done.uplink_bytes}
         if explorers:
             self.guidance = guidance_matrix([self.displacements[p] for p in explorers], o.normalization)
         else:
             log.warning("exploration: no explorer replied validly; FedLEx runs as its base strategy %r", o.base)
         self.explored = True
-
-    def _check_exploration_reply(self, msg: Message, pids: list[int]):
-        if msg.has_error():
-            raise ValueError(f"client error: {msg.error.reason}")
-        content = msg.content
-        meta, metrics = content.config_records[P.META], content.metric_records[P.METRICS]
-        pid = meta.get(P.PARTITION_ID)
-        if pid not in pids or self.nodes[pid] != msg.metadata.src_node_id:
-            raise ValueError(f"reply names partition-id {pid!r}, which was not asked to explore from this node")
-        if meta.get(P.CODEC) != "dense":
-            raise PayloadError(f"exploration reply encoded with {meta.get(P.CODEC)!r}, expected 'dense'")
-        ctx = CodecContext(seed=self.seed, round=EXPLORATION_ROUND, layout=self.layout, node=pid)
-        delta = self._dense.decode(P.from_array_record(content.array_records[P.UPDATE]), ctx)
-        if not bool(delta.isfinite().all()):
-            raise PayloadError("exploration update is not finite")
-        return pid, delta, dict(metrics)
 
     # -- guidance per round ---------------------------------------------------------------
     def guidance_for(self, pids: list[int]) -> dict[str, np.ndarray] | None:
@@ -262,63 +256,71 @@ class FedLExMixin:
             guidance = unit_mean(guidance)
         return guidance
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid):
-        explored_now = not self.explored
-        if explored_now:
-            self.explore(arrays, grid)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        pid_of = {nid: pid for pid, nid in self.nodes.items()}
+    def select(self, server_round: int, sampled: list[int]) -> list[int]:
+        return self.base.select(server_round, sampled)
+
+    def instructions(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        config = self.base.instructions(server_round, arrays)
+        if config.get(T.TRAINER, "sgd") != "sgd":
+            raise StrategyConfigError(f"strategy.base={self.fedlex_options.base!r} asks clients for its own trainer "
+                                      f"{config[T.TRAINER]!r}; FedLEx's guided trainer cannot be combined with it")
+        return config
+
+    def messages(self, server_round, arrays, config, targets, identity):
+        messages = self.base.messages(server_round, arrays, config, targets, identity)
         nodes = [m.metadata.dst_node_id for m in messages]
-        self._round = {"version": "", "explored": explored_now, "nodes": nodes, "sent": 0, "bytes": 0}
-        guidance = self.guidance_for(sorted(pid_of[n] for n in nodes))
+        self._round = {"version": "", "explored": self._explored_now, "nodes": nodes, "sent": 0, "bytes": 0}
+        guidance = self.guidance_for(sorted(pid for pid, _ in targets))
         if guidance is None:
             return messages
-        raw = guidance_bytes(guidance, self.layout)
+        raw = guidance_bytes(guidance, self.run.layout)
         version, flat = guidance_version(raw), np.frombuffer(raw, "<f4")
         self._round.update(version=version, mean=float(flat.mean()), zeros=float((flat == 0).mean()))
-        variants: dict[int, tuple[RecordDict, RecordDict, int]] = {}  # per distinct base content
-        out = []
+        out, g_bytes = [], {}  # the bytes G adds to a config record, by the record's size without it
         for msg in messages:
-            if id(msg.content) not in variants:
-                variants[id(msg.content)] = self._guided_contents(msg.content, raw, version)
-            lean, with_g, g_bytes = variants[id(msg.content)]
             node = msg.metadata.dst_node_id
-            holds = self.guidance_holders.get(node) == version
-            if not holds:
+            lean = {**dict(msg.content.config_records[S.CONFIG]), T.TRAINER: TRAINER_GUIDED,
+                    T.GUIDANCE_VERSION: version}
+            config = lean
+            if self.guidance_holders.get(node) != version:  # G travels once per node and version
+                config = {**lean, T.GUIDANCE: raw}
+                size = S.content_bytes(RecordDict({S.CONFIG: ConfigRecord(lean)}))
+                if size not in g_bytes:
+                    g_bytes[size] = S.content_bytes(RecordDict({S.CONFIG: ConfigRecord(config)})) - size
                 self._round["sent"] += 1
-                self._round["bytes"] += g_bytes
-            out.append(Message(content=lean if holds else with_g, dst_node_id=node,
-                               message_type=msg.metadata.message_type))
+                self._round["bytes"] += g_bytes[size]
+            content = RecordDict({k: (ConfigRecord(config) if k == S.CONFIG else v) for k, v in msg.content.items()})
+            out.append(Message(content=content, dst_node_id=node, message_type=msg.metadata.message_type))
         self.total_guidance_downlink_bytes += self._round["bytes"]
         return out
 
-    def _guided_contents(self, content: RecordDict, raw: bytes, version: str) -> tuple[RecordDict, RecordDict, int]:
-        """The base's message content with the guided-trainer entries; the same plus G; G's bytes."""
-        config = dict(content.config_records[P.CONFIG])
-        if config.get("trainer", "sgd") != "sgd":
-            raise ValueError(f"strategy.base={self.fedlex_options.base!r} asks clients for its own trainer "
-                             f"{config['trainer']!r}; FedLEx's guided trainer cannot be combined with it")
-        lean_config = ConfigRecord({**config, "trainer": TRAINER_GUIDED, GUIDANCE_VERSION: version})
-        full_config = ConfigRecord({**dict(lean_config), GUIDANCE: raw})
-        lean = RecordDict({k: lean_config if k == P.CONFIG else v for k, v in content.items()})
-        with_g = RecordDict({k: full_config if k == P.CONFIG else v for k, v in content.items()})
-        return lean, with_g, P.content_bytes(with_g) - P.content_bytes(lean)
+    # -- aggregation: the base's ------------------------------------------------------------
+    def contribution(self, payload, ctx):
+        return self.base.contribution(payload, ctx)
 
-    def aggregate_train(self, server_round: int, replies):
-        result = super().aggregate_train(server_round, replies)
+    def contribution_size(self) -> int:
+        return self.base.contribution_size()
+
+    def aggregate(self, server_round, contributions, weights, combiner):
+        return self.base.aggregate(server_round, contributions, weights, combiner)
+
+    def step(self, server_round, global_arrays, aggregate, total_weight):
+        return self.base.step(server_round, global_arrays, aggregate, total_weight)
+
+    def after_round(self, server_round, accepted, stepped) -> None:
+        self.base.after_round(server_round, accepted, stepped)
         version = self._round.get("version")
         if version:
-            ok = {self.nodes[p] for p in self.last_participants}
+            ok = {r.node for r in accepted}
             for node in self._round["nodes"]:
                 if node in ok:
                     self.guidance_holders[node] = version
                 else:  # lost or rejected: the node may lack G; send it again next time
                     self.guidance_holders.pop(node, None)
-        return result
 
     # -- what is recorded -----------------------------------------------------------------
     def round_metrics(self, server_round: int) -> dict[str, Any]:
-        row = dict(super().round_metrics(server_round))
+        row = dict(self.base.round_metrics(server_round))
         r = self._round
         row.update(guidance_downlink_bytes=r.get("bytes", 0), guidance_sent=r.get("sent", 0),
                    guidance_version=r.get("version", ""))
@@ -332,45 +334,53 @@ class FedLExMixin:
 
     def summary_metrics(self) -> dict[str, Any]:
         ex = self.exploration
-        return {"exploration": {k: ex.get(k) for k in ("explorers", "asked", "rejected", "epochs_run", "wall_s")},
+        return {**self.base.summary_metrics(),
+                "exploration": {k: ex.get(k) for k in ("explorers", "asked", "rejected", "epochs_run", "wall_s")},
                 "exploration_downlink_bytes": ex.get("downlink_bytes", 0),
                 "exploration_uplink_bytes": ex.get("uplink_bytes", 0),
                 "total_guidance_downlink_bytes": self.total_guidance_downlink_bytes}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base.state_dict(), "explored": self.explored,
+                "displacements": {int(p): dict(d) for p, d in self.displacements.items()},
+                "guidance": None if self.guidance is None else dict(self.guidance),
+                "exploration": dict(self.exploration),
+                "total_guidance_downlink_bytes": int(self.total_guidance_downlink_bytes)}
 
-_CLASSES: dict[type, type] = {}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state["base"])
+        self.explored = bool(state["explored"])
+        self.displacements = {int(p): dict(d) for p, d in state["displacements"].items()}
+        self.guidance = None if state["guidance"] is None else dict(state["guidance"])
+        self.exploration = dict(state["exploration"])
+        self.total_guidance_downlink_bytes = int(state["total_guidance_downlink_bytes"])
+        self.guidance_holders = {}  # a resumed run talks to nodes with fresh state
 
 
-def fedlex_class(base_cls: type) -> type:
-    """The class ``FedLEx<Base>``: FedLExMixin in front of a Stamen strategy class."""
-    if base_cls not in _CLASSES:
-        name = "FedLEx" + base_cls.__name__.removeprefix("Stamen")
-        _CLASSES[base_cls] = type(name, (FedLExMixin, base_cls), {"__doc__": __doc__})
-    return _CLASSES[base_cls]
-
-
-def build_fedlex(options: FedLExOptions, cfg) -> StamenStrategy:
-    """Build ``strategy.base`` exactly as ``strategy.name = <base>`` would (its own options, its
-    own validation), then re-class the object to ``FedLEx<Base>`` so the base's round methods
-    run underneath FedLEx's through ``super()``."""
+def build_fedlex(options: FedLExOptions, cfg) -> FedLEx:
+    """Build ``strategy.base`` exactly as ``strategy.name = <base>`` would (its own options, its own
+    validation), and put FedLEx in front of it."""
     if options.base == "fedlex":
         raise StrategyConfigError("strategy.base='fedlex': FedLEx needs a base aggregation strategy, not itself")
     try:
         spec = strategy_spec(options.base)
     except StrategyConfigError as err:
         raise StrategyConfigError(str(err).replace("strategy.name", "strategy.base")) from None
-    if not spec.sends_updates:
-        raise StrategyConfigError(f"strategy.base={options.base!r}: its clients do not send model updates, "
-                                  "so there is nothing for FedLEx to guide")
-    inner = spec.factory(parse_options(spec, dict(options.model_extra or {})), cfg)
-    if not isinstance(inner, StamenStrategy):
-        raise StrategyConfigError(f"strategy.base={options.base!r} does not build a Stamen strategy")
-    inner.__class__ = fedlex_class(type(inner))
-    inner._init_fedlex(options, cfg.federation.round_timeout_s)
-    return inner
+    if spec.capabilities.aggregation != "update":
+        raise StrategyConfigError(f"strategy.base={options.base!r}: FedLEx guides clients that send model updates "
+                                  f"aggregated in parameter space; {options.base!r} aggregates "
+                                  f"{spec.capabilities.aggregation}s")
+    if spec.capabilities.trainer != "sgd":
+        raise StrategyConfigError(f"strategy.base={options.base!r} asks clients for its own trainer "
+                                  f"{spec.capabilities.trainer!r}; FedLEx's guided trainer cannot be combined with it")
+    base = spec.factory(parse_options(spec, dict(options.model_extra or {})), cfg)
+    fedlex = FedLEx(base, options, cfg.federation.round_timeout_s)
+    fedlex.implied_aggregator = spec.aggregator  # strategy.base=fedmedian: FedLEx over the median
+    return fedlex
 
 
 register_strategy(StrategySpec(
     "fedlex", build_fedlex, FedLExOptions,
     "FedLEx (Internò et al. 2024): explorers' weight displacements → guidance matrix G; clients train with grad ⊙ G "
-    "over a base strategy (strategy.base)"))
+    "over a base strategy (strategy.base)",
+    Capabilities(aggregation="update", trainer=TRAINER_GUIDED, extra_releases=("exploration uploads",))))

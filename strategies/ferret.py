@@ -1,7 +1,7 @@
 """Strategy ``ferret``: first-order local training, shared-randomness projection both ways.
 
-Shu et al., "Ferret: Federated Full-Parameter Tuning at Scale for Large Language Models"
-(ICML 2025, arXiv 2409.06277); ``/work/shared/specs/ferret.md``. The math is the codec
+Shu, Li, Wang, Zhou, Liu, Low, Zhang, "Ferret: Federated Full-Parameter Tuning at Scale for
+Large Language Models" (ICML 2025, arXiv 2409.06277). The math is the codec
 ``stamen.sketching.ferret.FerretCodec``; this module is the round protocol around it.
 
 **Client duty.** Train from the global weights w as usual (``task.optimizer``, ``task.lr``; with
@@ -59,32 +59,22 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord
 from pydantic import Field
 
-from stamen import protocol as P
-from stamen.config import ConfigError
-from stamen.sketching.codec import Codec, CodecContext, Layout, PayloadError
-from stamen.sketching.downlink import weights_check  # noqa: F401  (part of this module's protocol)
+from stamen import schema as S
+from stamen.core import Capabilities
+from stamen.schema import train as T
+from stamen.sketching.codec import CodecContext
 from stamen.sketching.ferret import FerretCodec
-from stamen.strategies.base import _reply_order
-from stamen.strategies.catchup import CatchUpKeys, CatchUpStrategy, payload_key  # noqa: F401
-from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, register_strategy
+from stamen.strategies.catchup import CatchUpDownlink
+from stamen.strategies.method import Method, WeightedMean
+from stamen.strategies.registry import Options, StrategySpec, register_strategy
+from stamen.strategies.sketched import arrays_to_numpy
 
 log = logging.getLogger("stamen.strategy.ferret")
 
-# Message config entries shared with client/trainers_ferret.py (the two sides share only messages).
-KEYS = CatchUpKeys("ferret")  # the catch-up downlink's entries (strategies/catchup.py)
-DOWNLINK_NAME = KEYS.downlink  # "ferret": config "downlink", the client's DOWNLINKS entry
-SYNC = KEYS.sync  # "ferret-sync": "dense" | "catch-up"
-GLOBAL_ROUND = KEYS.global_round  # "ferret-round": the round whose global weights the client trains from (t − 1)
-BASE_ROUND = KEYS.base_round  # "ferret-base-round": catch-up: the round the server believes the node holds
-ROUNDS = KEYS.rounds  # "ferret-rounds": catch-up: the rounds whose payloads the message carries, in order
-SERVER_LR = "ferret-server-lr"
-CHECK_SUM, CHECK_NORM = KEYS.check_sum, KEYS.check_norm  # fp64 Σw and ‖w‖ of the global weights
-LOCAL_STEPS = "local-steps"  # trainer "steps": exactly this many optimizer steps
-PAYLOAD_KEYS = ("block", "seed", "value")
+KEYS = T.CatchUpKeys("ferret")  # the catch-up downlink's entries (strategies/catchup.py)
 
 
 def apply_update(flat: torch.Tensor, codec: FerretCodec, payload: dict[str, np.ndarray], ctx: CodecContext,
@@ -105,135 +95,106 @@ class FerretOptions(Options):
     pool_scope: Literal["run", "round"] = Field("run", description="one seed pool per run (the paper) or per round")
 
 
-class FerretStrategy(CatchUpStrategy, FedAvg):
-    """Ferret's round protocol: see the module docstring. ``history`` holds the aggregated payloads
-    Γ_r (wire dtypes), ``synced`` the round each node holds (the catch-up downlink's state)."""
+COEFFICIENTS = Capabilities(
+    aggregation="own", codecs=(), privacy_sites=frozenset(), robust=False, linear=True,
+    notes={"robust": "the server averages per-seed scalar coefficients and clients rebuild the model from that mean; "
+                     "a median or Krum of coefficients is a different rule, not a robust aggregate of models",
+           "privacy": "its per-seed coefficients have no clipping or noise mechanism (use fedavg or sketched_dp for "
+                      "private runs)"})
 
-    robust_refusal = ("the server averages per-seed scalar coefficients and clients rebuild the model from that mean; "
-                      "a median or Krum of coefficients is a different rule, not a robust aggregate of models")
 
-    _transient = CatchUpStrategy._transient + ("options", "_round")
-    #: the codec name clients put in their replies
-    wire_codec = FerretCodec.name
-    catchup = KEYS
+class FerretMethod(Method):
+    """Ferret's round protocol: see the module docstring. The catch-up downlink's ``history``
+    holds the aggregated payloads Γ_r (wire dtypes)."""
+
+    capabilities = COEFFICIENTS
+    codec_name = FerretCodec.name
 
     def __init__(self, options: FerretOptions):
-        super().__init__(**_FLOWER_SAMPLING)
         self.options = options
+        self.downlink = CatchUpDownlink(KEYS, enabled=options.downlink == "coefficients")
         self._round: dict[str, Any] = {}
+        self._update: dict[str, np.ndarray] | None = None
 
-    def catchup_enabled(self) -> bool:
-        return self.options.downlink == "coefficients"
-
-    # -- wiring ---------------------------------------------------------------------------
-    def bind(self, *, seed: int, nodes: dict[int, int], layout: Layout, codec: Codec, fraction_train: float,
-             fraction_evaluate: float) -> None:
-        """As StamenStrategy.bind, with this strategy's own codec (``compression.codec`` is not used)."""
-        super().bind(seed=seed, nodes=nodes, layout=layout, codec=self.make_codec(layout),
-                     fraction_train=fraction_train, fraction_evaluate=fraction_evaluate)
-
-    def codec_options(self, layout: Layout) -> dict[str, Any]:
+    @property
+    def codec_options(self) -> dict[str, Any]:  # type: ignore[override]
         o = self.options
         return {"K": o.K, "value_dtype": o.value_dtype, "block_ratio": o.block_ratio,
                 "clip": None if o.clip in (None, "none") else float(o.clip), "pool_scope": o.pool_scope}
 
-    def make_codec(self, layout: Layout) -> FerretCodec:
-        return FerretCodec(**self.codec_options(layout))
+    def bind(self, run) -> None:
+        super().bind(run)
+        self.downlink.bind(run.layout)
 
     # -- what the clients are told ----------------------------------------------------------
-    def client_instructions(self, server_round: int) -> dict[str, Any]:
-        out = {P.CODEC: self.wire_codec,
-               "codec-options": json.dumps(self.codec_options(self.layout), sort_keys=True)}
+    def instructions(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        out: dict[str, Any] = {T.CODEC_OPTIONS: json.dumps(self.codec_options, sort_keys=True)}
         if self.options.local_steps > 0:
-            out.update({"trainer": "steps", LOCAL_STEPS: int(self.options.local_steps)})
-        if self.options.downlink == "coefficients":
-            out.update({"downlink": DOWNLINK_NAME, SERVER_LR: float(self.options.server_lr)})
+            out.update({T.TRAINER: "steps", T.LOCAL_STEPS: int(self.options.local_steps)})
+        if self.downlink.enabled:
+            out[T.FERRET_SERVER_LR] = float(self.options.server_lr)
         return out
 
-    # -- replies ----------------------------------------------------------------------------
-    def aggregate_train(self, server_round: int, replies):
-        if self._global is None:
-            raise RuntimeError("aggregate_train called before configure_train")
-        self.last_rejected, self.last_participants = [], []
-        accepted, uplink, nnz = [], [], []
-        for msg in sorted(replies, key=_reply_order):
-            try:
-                pid, payload, metrics = self.check_payload_reply(msg, server_round)
-            except (PayloadError, ValueError, KeyError, TypeError) as err:
-                log.warning("round %d: rejected reply from node %s: %s", server_round, msg.metadata.src_node_id, err)
-                self.last_rejected.append((msg.metadata.src_node_id, str(err)))
-                continue
-            accepted.append((msg.metadata.src_node_id, payload, metrics))
-            self.last_participants.append(pid)
-            uplink.append(P.message_bytes(msg))
-            nnz.append(int(len(payload["value"])))
-        self._round = {"uplink": uplink, "nnz": nnz, "aggregated_nnz": 0}
-        arrays, metrics, aggregated = None, None, None
-        if accepted:
-            arrays, aggregated = self._step(server_round, [p for _, p, _ in accepted],
-                                            [float(m[P.NUM_EXAMPLES]) for _, _, m in accepted])
-            contents = [RecordDict({P.METRICS: MetricRecord(m)}) for _, _, m in accepted]
-            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        else:
-            log.warning("round %d: no valid replies (%d rejected); the global model is unchanged",
-                        server_round, len(self.last_rejected))
-        self.end_catchup_round(server_round, aggregated, {node for node, _, _ in accepted})
-        return arrays, metrics
+    def messages(self, server_round, arrays, config, targets, identity):
+        flat = self.run.layout.flatten(arrays_to_numpy(arrays))
+        return self.downlink.messages(server_round, arrays, flat, config, targets, identity)
 
-    def _step(self, server_round: int, payloads: list[dict[str, np.ndarray]], examples: list[float]):
-        """Aggregate in coefficient space and apply Γ once: (new weights, Γ), or (None, None) on overflow."""
-        total = sum(examples)
-        ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout)
-        aggregated = self.codec.aggregate(payloads, [n / total for n in examples], ctx)
-        flat = apply_update(self.layout.flatten(self._global), self.codec, aggregated, ctx, self.options.server_lr)
-        if not bool(torch.isfinite(flat).all()):
-            log.warning("round %d: the aggregated update overflows; the global model is unchanged", server_round)
-            return None, None
-        self._round["aggregated_nnz"] = int(len(aggregated["value"]))
-        return P.to_array_record(self.layout.unflatten(flat)), aggregated
+    # -- replies: aggregated in coefficient space ---------------------------------------------
+    def contribution(self, payload, ctx):
+        self.run.codec.unpack(payload, ctx)  # dtypes, index ranges, finiteness, no repeated pair
+        return payload
 
-    def check_payload_reply(self, msg: Message, server_round: int) -> tuple[int, dict[str, np.ndarray], dict]:
-        """(partition id, validated payload, metrics) of a reply, or raise naming the defect."""
-        pid, payload, clean = self.check_envelope(msg)  # records, codec (wire_codec), partition, metrics
-        ctx = CodecContext(seed=self.seed, round=server_round, layout=self.layout, node=pid)
-        self.codec.unpack(payload, ctx)  # dtypes, index ranges, finiteness, no repeated pair
-        return pid, payload, clean
+    def aggregate(self, server_round, contributions, weights, combiner):
+        if not isinstance(combiner, WeightedMean):
+            raise TypeError(f"{type(self).__name__} aggregates coefficients by their weighted mean only")
+        self._round = {"nnz": [int(len(p["value"])) for p in contributions], "aggregated_nnz": 0}
+        if not contributions:
+            return None
+        total = sum(weights)
+        return self.run.codec.aggregate(contributions, [w / total for w in weights], self.run.ctx(server_round))
+
+    def step(self, server_round, global_arrays, aggregate, total_weight):
+        """Γ applied once: w + η_s·reconstruct(Γ) (Γ is rounded to the wire dtype, as it travels down)."""
+        layout = self.run.layout
+        flat = apply_update(layout.flatten(global_arrays), self.run.codec, aggregate, self.run.ctx(server_round),
+                            self.options.server_lr)
+        self._update = aggregate
+        self._round["aggregated_nnz"] = int(len(aggregate["value"]))
+        return layout.unflatten(flat)
+
+    def after_round(self, server_round, accepted, stepped) -> None:
+        self._round["uplink"] = [S.message_bytes(r.message) for r in accepted]
+        self.downlink.end_round(server_round, self._update if stepped is not None else None,
+                                {r.node for r in accepted})
+        self._update = None
 
     # -- what is recorded ---------------------------------------------------------------------
     def round_metrics(self, server_round: int) -> dict[str, Any]:
         r = self._round
-        uplink, nnz = r.get("uplink", []), r.get("nnz", [])
-        return {
-            "ferret_uplink_bytes": list(uplink),  # per accepted client, in partition order
-            "ferret_nnz": list(nnz),
-            "uplink_bytes_per_client": float(np.mean(uplink)) if uplink else None,
-            "ferret_aggregated_nnz": r.get("aggregated_nnz", 0),
-            **self.downlink_metrics(),  # ferret_dense_nodes, ferret_catchup_nodes, ... (strategies/catchup.py)
-        }
+        uplink = r.get("uplink", [])
+        return {"ferret_uplink_bytes": list(uplink),  # per accepted client, in partition order
+                "ferret_nnz": list(r.get("nnz", [])),
+                "uplink_bytes_per_client": float(np.mean(uplink)) if uplink else None,
+                "ferret_aggregated_nnz": r.get("aggregated_nnz", 0), **self.downlink.downlink_metrics()}
 
     def summary_metrics(self) -> dict[str, Any]:
         return {"ferret": {"K": self.options.K, "downlink": self.options.downlink,
-                           "blocks": len(self.codec.blocks(self.layout)), "parameters": self.layout.d}}
+                           "blocks": len(self.run.codec.blocks(self.run.layout)), "parameters": self.run.layout.d}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"downlink": self.downlink.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.downlink.load_state_dict(state["downlink"])
 
 
-def check_plain_config(cfg, name: str) -> None:
-    """Ferret-family strategies bring their own codec and have no privacy mechanism: refuse both."""
-    if cfg.compression.codec not in ("dense", "ferret") or cfg.compression.options():
-        raise ConfigError(f"strategy {name!r} encodes updates with its own codec (options under strategy.*); "
-                          f"leave compression.* at its default (got compression.codec={cfg.compression.codec!r}"
-                          f"{' with options ' + str(sorted(cfg.compression.options())) if cfg.compression.options() else ''})")
-    if cfg.privacy.enabled:
-        raise ConfigError(f"strategy {name!r} has no differential-privacy mechanism; unset privacy.clip and "
-                          f"privacy.noise_multiplier")
-
-
-def build_ferret(options: FerretOptions, cfg) -> FerretStrategy:
-    check_plain_config(cfg, "ferret")
+def build_ferret(options: FerretOptions, cfg) -> FerretMethod:
     FerretCodec(K=options.K, value_dtype=options.value_dtype, block_ratio=options.block_ratio)  # codec's own checks
-    return FerretStrategy(options)
+    return FerretMethod(options)
 
 
 register_strategy(StrategySpec(
     "ferret", build_ferret, FerretOptions,
     "Ferret (Shu et al. 2025): clients send ~K projections of their update on shared random bases per block; "
-    "the server aggregates in coefficient space; clients rebuild the global model from the coefficients"))
+    "the server aggregates in coefficient space; clients rebuild the global model from the coefficients",
+    COEFFICIENTS))

@@ -1,21 +1,23 @@
 """Strategy plugins by name: ``strategy.name`` in the run config picks one.
 
-A plugin is a :class:`StrategySpec`: a factory building the strategy object, a pydantic
-model of its ``strategy.*`` options (unknown options are errors naming the key), and one
-line for ``stamen list``. Flower's own Message-API strategies are registered here; Stamen
-plugins register themselves from their modules with :func:`register_strategy`.
+A plugin is a :class:`StrategySpec`: a factory building its :class:`~stamen.strategies.method.Method`,
+a pydantic model of its ``strategy.*`` options (unknown options are errors naming the key),
+its declared :class:`~stamen.core.Capabilities`, and one line for ``stamen list``. Flower's own
+baselines are registered here; every other plugin module registers itself with
+:func:`register_strategy` when imported, and modules are found through the
+``stamen.strategies`` entry points (:mod:`stamen.plugins`).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from flwr.serverapp import strategy as fl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stamen.strategies.base import StamenStrategy
+from stamen.core import Capabilities
+from stamen.strategies.method import FLOWER_NO_SAMPLING, Method, UpdateMethod
 
 
 class StrategyConfigError(ValueError):
@@ -31,36 +33,30 @@ class Options(BaseModel):
 @dataclass(frozen=True)
 class StrategySpec:
     name: str
-    factory: Callable[..., StamenStrategy]  # factory(options, cfg) -> strategy
+    factory: Callable[..., Method]  # factory(options, cfg) -> Method
     options: type[Options]
     summary: str
-    sends_updates: bool = True  # clients reply with a codec-encoded update Δ
+    capabilities: Capabilities = Capabilities()
+    #: the robust rule the name implies (fedmedian: median); ``strategy.aggregator`` may not contradict it
+    aggregator: str = "mean"
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
 
 
 def register_strategy(spec: StrategySpec) -> StrategySpec:
+    if spec.name in STRATEGIES and STRATEGIES[spec.name] is not spec:
+        raise StrategyConfigError(f"two plugins register strategy {spec.name!r}")
     STRATEGIES[spec.name] = spec
     return spec
 
 
-def stamen_class(base: type) -> type:
-    """A Stamen strategy class in front of a Flower strategy class."""
-    return type(f"Stamen{base.__name__}", (StamenStrategy, base), {"__doc__": base.__doc__})
+def flower_method(base: type, **fixed: Any) -> Callable[[Options, Any], Method]:
+    """A factory for a method whose server step is Flower's ``base`` strategy (UpdateMethod)."""
 
-
-# Flower's fraction/minimum logic is bypassed: Stamen samples, then hands Flower exactly
-# the sampled nodes (see StamenStrategy.configure_train).
-_FLOWER_SAMPLING = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0,
-                        min_evaluate_nodes=0, min_available_nodes=0)
-
-
-def _flower(base: type, **fixed: Any) -> Callable[[Options, Any], StamenStrategy]:
-    cls = stamen_class(base)
-
-    def factory(options: Options, cfg) -> StamenStrategy:
-        return cls(**_FLOWER_SAMPLING, **fixed, **options.model_dump())
+    def factory(options: Options, cfg) -> Method:
+        return UpdateMethod(base(**FLOWER_NO_SAMPLING, **fixed, **options.model_dump()), codec=cfg.compression.codec,
+                            codec_options=cfg.compression.options())
 
     return factory
 
@@ -86,76 +82,59 @@ class FedAvgMOptions(Options):
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
 
 
-def _robust_alias(aggregator: str) -> Callable[[Options, Any], StamenStrategy]:
-    """FedAvg whose clients' models are combined by ``aggregator`` (strategies/robust.py)."""
-    fedavg = _flower(fl.FedAvg)
-
-    def factory(options: Options, cfg) -> StamenStrategy:
-        strategy = fedavg(options, cfg)
-        strategy.aggregator = aggregator
-        return strategy
-
-    return factory
-
+_UPDATES = Capabilities(aggregation="update", vectorisable=True)
 
 for _spec in (
-    StrategySpec("fedavg", _flower(fl.FedAvg), NoOptions, "FedAvg (McMahan et al. 2017): example-weighted mean of client models"),
-    StrategySpec("fedprox", _flower(fl.FedProx), FedProxOptions,
-                 "FedProx (Li et al. 2020): FedAvg + proximal term μ/2‖w − w_global‖² in the client objective"),
-    StrategySpec("fedadam", _flower(fl.FedAdam), FedAdamOptions, "FedAdam (Reddi et al. 2021): Adam on the server over the mean update"),
-    StrategySpec("fedavgm", _flower(fl.FedAvgM), FedAvgMOptions, "FedAvgM (Hsu et al. 2019): server momentum over the mean update"),
-    StrategySpec("fedmedian", _robust_alias("median"), NoOptions,
-                 "FedMedian (Yin et al. 2018): coordinate-wise median of client models (= fedavg, aggregator median)"),
-    StrategySpec("krum", _robust_alias("krum"), NoOptions, "Krum (Blanchard et al. 2017): the client model closest to "
-                 "its neighbours (= fedavg, aggregator krum; f = strategy.num_malicious_nodes)"),
-    StrategySpec("bulyan", _robust_alias("bulyan"), NoOptions, "Bulyan (El Mhamdi et al. 2018): Krum selection, then a "
-                 "coordinate-wise trimmed mean (= fedavg, aggregator bulyan)"),
-    StrategySpec("fedtrimmedavg", _robust_alias("trimmed_mean"), NoOptions, "Trimmed mean (Yin et al. 2018): "
-                 "coordinate-wise mean without the β extremes (= fedavg, aggregator trimmed_mean; β = strategy.trim_beta)"),
+    StrategySpec("fedavg", flower_method(fl.FedAvg), NoOptions,
+                 "FedAvg (McMahan et al. 2017): example-weighted mean of client models", _UPDATES),
+    StrategySpec("fedprox", flower_method(fl.FedProx), FedProxOptions,
+                 "FedProx (Li et al. 2020): FedAvg + proximal term μ/2‖w − w_global‖² in the client objective", _UPDATES),
+    StrategySpec("fedadam", flower_method(fl.FedAdam), FedAdamOptions,
+                 "FedAdam (Reddi et al. 2021): Adam on the server over the mean update", _UPDATES),
+    StrategySpec("fedavgm", flower_method(fl.FedAvgM), FedAvgMOptions,
+                 "FedAvgM (Hsu et al. 2019): server momentum over the mean update", _UPDATES),
+    StrategySpec("fedmedian", flower_method(fl.FedAvg), NoOptions,
+                 "FedMedian (Yin et al. 2018): coordinate-wise median of client models (= fedavg, aggregator median)",
+                 _UPDATES, aggregator="median"),
+    StrategySpec("krum", flower_method(fl.FedAvg), NoOptions, "Krum (Blanchard et al. 2017): the client model closest "
+                 "to its neighbours (= fedavg, aggregator krum; f = strategy.num_malicious_nodes)", _UPDATES,
+                 aggregator="krum"),
+    StrategySpec("bulyan", flower_method(fl.FedAvg), NoOptions, "Bulyan (El Mhamdi et al. 2018): Krum selection, then "
+                 "a coordinate-wise trimmed mean (= fedavg, aggregator bulyan)", _UPDATES, aggregator="bulyan"),
+    StrategySpec("fedtrimmedavg", flower_method(fl.FedAvg), NoOptions, "Trimmed mean (Yin et al. 2018): coordinate-wise "
+                 "mean without the β extremes (= fedavg, aggregator trimmed_mean; β = strategy.trim_beta)", _UPDATES,
+                 aggregator="trimmed_mean"),
 ):
     register_strategy(_spec)
 
 
-def _load_plugins() -> None:
-    """Import every plugin module of the package (all but base and registry); they register themselves."""
-    import pkgutil
+def load_strategy_plugins() -> None:
+    from stamen.plugins import load_plugins
 
-    import stamen.strategies as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "registry", "robust") and not mod.name.startswith("_"):
-            importlib.import_module(f"stamen.strategies.{mod.name}")
+    load_plugins("stamen.strategies")
 
 
 def strategy_spec(name: str) -> StrategySpec:
-    if name not in STRATEGIES:  # Flower's strategies are registered above; plugins are imported on demand
-        _load_plugins()
+    if name not in STRATEGIES:  # Flower's baselines are registered above; plugins are imported on demand
+        load_strategy_plugins()
     if name not in STRATEGIES:
         raise StrategyConfigError(f"unknown strategy.name {name!r}; choose one of {sorted(STRATEGIES)}")
     return STRATEGIES[name]
 
 
-def parse_options(spec: StrategySpec, options: dict[str, Any]) -> Options:
+def parse_options(spec: StrategySpec, options: dict[str, Any], prefix: str = "strategy") -> Options:
     try:
         return spec.options.model_validate(options)
     except ValidationError as err:
         msgs = []
         for e in err.errors():
-            key = "strategy." + ".".join(str(p) for p in e["loc"])
+            key = prefix + "." + ".".join(str(p) for p in e["loc"])
             msgs.append(f"unknown config key '{key}' for strategy {spec.name!r}" if e["type"] == "extra_forbidden"
                         else f"bad value for '{key}': {e['msg']} (got {e.get('input')!r})")
         raise StrategyConfigError("; ".join(msgs)) from None
 
 
-def build_strategy(cfg) -> StamenStrategy:
-    """The strategy object a run config asks for (not yet bound to a federation)."""
+def build_method(cfg) -> tuple[StrategySpec, Method]:
+    """The method a run config asks for (``strategy.name`` with its options), not yet bound."""
     spec = strategy_spec(cfg.strategy.name)
-    strategy = spec.factory(parse_options(spec, cfg.strategy.options()), cfg)
-    from stamen.strategies.robust import configure_aggregator
-
-    configure_aggregator(strategy, cfg)  # strategy.aggregator: robust combination of client models
-    if cfg.privacy.enabled:  # clipping / noise / accounting (strategies/dp.py)
-        from stamen.strategies.dp import make_private
-
-        strategy = make_private(strategy, spec, cfg)
-    return strategy
+    return spec, spec.factory(parse_options(spec, cfg.strategy.options()), cfg)

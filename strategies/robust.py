@@ -6,7 +6,9 @@ Adam on it; FAT: a global learning rate). ``strategy.aggregator`` replaces the c
 the example-weighted mean — with a robust rule, and keeps the step, so ``fedadam`` with
 ``aggregator = "median"`` runs Adam on the coordinate-wise median's pseudo-gradient.
 
-The rules are Flower's own implementations, applied to the decoded client models:
+The rules are Flower's own implementations (:class:`RobustCombiner`, the pipeline's aggregate
+stage), applied to the decoded client updates — equivalently the client models, since every
+rule is translation-equivariant:
 
 =================  ======================================  ==============================
 aggregator         rule (Flower class)                     options (``strategy.*``)
@@ -29,13 +31,13 @@ The strategy names ``fedmedian``, ``fedtrimmedavg``, ``krum`` and ``bulyan`` are
 with the matching aggregator. Train metrics are still the weighted mean over every accepted
 reply (the rule decides the model, not what is reported).
 
-Where the math does not allow it the run is refused before it starts, with the reason:
-strategies that aggregate something other than client models set ``robust_refusal``
+Where the math does not allow it the run is refused by the preflight (``strategies/preflight.py``)
+before it starts, with the reason: strategies whose capabilities say ``robust = False``
 (Ferret and FedKSeed aggregate per-seed scalar coefficients — a median of coefficients is a
 different rule from a median of models, and the clients rebuild the model from the *mean* of
 coefficients; ``sketched_fedavg``/``fetchsgd``/``sketched_dp`` average in sketch space, and a
-median does not commute with de-sketching). Central DP noise is calibrated to a mean and is
-refused with a robust rule in ``strategies/dp.py``. A rule that needs more replies than a
+median does not commute with de-sketching). Central DP noise is calibrated to a mean of
+clipped updates and is refused with a robust rule. A rule that needs more replies than a
 round's cohort (Krum: n ≥ 2f + 3, Bulyan: n ≥ 4f + 3) is refused at start for the sampled
 cohort size; a round that ends with fewer valid replies fails cleanly (model unchanged).
 """
@@ -43,13 +45,16 @@ cohort size; a round that ends with fewer valid replies fails cleanly (model unc
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal
+from typing import Literal
 
+import numpy as np
+import torch
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from stamen import protocol as P
+from stamen import schema as P
 from stamen.config import ConfigError
+from stamen.strategies.method import FLOWER_NO_SAMPLING, Combiner, WeightedMean
 
 log = logging.getLogger("stamen.strategy")
 
@@ -57,9 +62,7 @@ Aggregator = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bul
 AGGREGATORS: tuple[str, ...] = Aggregator.__args__  # type: ignore[attr-defined]
 _USES_F = ("krum", "multikrum", "bulyan")
 
-# Flower's sampling knobs are bypassed (Stamen samples; the rule only aggregates)
-_NO_SAMPLING = dict(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0, min_evaluate_nodes=0,
-                    min_available_nodes=0)
+_NO_SAMPLING = FLOWER_NO_SAMPLING  # the pipeline samples; the rule only aggregates
 
 
 def min_replies_for(aggregator: str, f: int) -> int:
@@ -100,66 +103,75 @@ class _MultiKrumNMinusF(fl.MultiKrum):
             self.num_nodes_to_select = 0
 
 
-def configure_aggregator(strategy, cfg) -> None:
-    """Resolve ``strategy.aggregator`` for a built strategy, check it is allowed, and attach the rule.
-
-    A strategy name that *is* a robust rule (``fedmedian``, ``krum``, ...) carries its rule in
-    ``strategy.aggregator``; naming a different ``strategy.aggregator`` with it is an error.
-    """
+def aggregator_problems(cfg, default: str = "mean") -> tuple[str, list[str]]:
+    """The aggregator a config asks for (``strategy.aggregator``, else the strategy's own rule
+    ``default``) and what is wrong with its options (messages naming the keys)."""
     section = cfg.strategy
-    implied = getattr(strategy, "aggregator", "mean")
-    if section.aggregator is not None and implied != "mean" and section.aggregator != implied:
-        raise ConfigError(f"strategy.name={section.name!r} aggregates with {implied!r}; strategy.aggregator="
-                          f"{section.aggregator!r} contradicts it (use strategy.name='fedavg' with the aggregator)")
-    aggregator = section.aggregator or implied
+    problems = []
+    if section.aggregator is not None and default != "mean" and section.aggregator != default:
+        problems.append(f"strategy.name={section.name!r} aggregates with {default!r}; strategy.aggregator="
+                        f"{section.aggregator!r} contradicts it (use strategy.name='fedavg' with the aggregator)")
+    aggregator = section.aggregator or default
     f = section.num_malicious_nodes
     if f and aggregator not in _USES_F:
-        raise ConfigError(f"strategy.num_malicious_nodes={f} is an option of the aggregators {list(_USES_F)}, "
-                          f"but strategy.aggregator is {aggregator!r}")
+        problems.append(f"strategy.num_malicious_nodes={f} is an option of the aggregators {list(_USES_F)}, "
+                        f"but strategy.aggregator is {aggregator!r}")
     if section.num_nodes_to_select and aggregator != "multikrum":
-        raise ConfigError("strategy.num_nodes_to_select is an option of strategy.aggregator='multikrum' only")
+        problems.append("strategy.num_nodes_to_select is an option of strategy.aggregator='multikrum' only")
     if section.trim_beta is not None and aggregator != "trimmed_mean":
-        raise ConfigError("strategy.trim_beta is an option of strategy.aggregator='trimmed_mean' only")
-    strategy.aggregator, strategy.robust_rule = aggregator, None
+        problems.append("strategy.trim_beta is an option of strategy.aggregator='trimmed_mean' only")
+    if aggregator != "mean":
+        from stamen.strategies.sampling import sample_count
+
+        cohort = sample_count(cfg.federation.fraction_train, cfg.federation.clients)
+        need = min_replies_for(aggregator, f)
+        if cohort < need:
+            problems.append(f"strategy.aggregator={aggregator!r} with num_malicious_nodes={f} needs at least {need} "
+                            f"replies per round, but a round samples {cohort} clients (federation.clients × "
+                            f"fraction_train); lower num_malicious_nodes or sample more clients")
+        if aggregator == "multikrum" and section.num_nodes_to_select > cohort:
+            problems.append(f"strategy.num_nodes_to_select={section.num_nodes_to_select} exceeds the {cohort} clients "
+                            "sampled per round")
+    return aggregator, problems
+
+
+class RobustCombiner(Combiner):
+    """A robust rule (Flower's implementation) over the decoded updates Δ_i of a round.
+
+    The rules are translation-equivariant (median, trimmed mean) or depend on pairwise
+    distances only (Krum, Multi-Krum, Bulyan), so combining the updates Δ_i is combining the
+    client models w + Δ_i, shifted by w. Example counts are passed as Flower's weights (only
+    the mean-based parts of Multi-Krum use them).
+    """
+
+    def __init__(self, aggregator: str, *, num_malicious_nodes: int = 0, num_nodes_to_select: int = 0,
+                 trim_beta: float = 0.2):
+        self.name = aggregator
+        self.rule = make_rule(aggregator, num_malicious_nodes=num_malicious_nodes,
+                              num_nodes_to_select=num_nodes_to_select, trim_beta=trim_beta)
+        self.need = min_replies_for(aggregator, num_malicious_nodes)
+
+    def combine(self, vectors, weights, size):
+        if len(vectors) < self.need:
+            log.warning("aggregator %s needs %d valid replies, got %d", self.name, self.need, len(vectors))
+            return None
+        # one flat array per reply: every rule is coordinate-wise or uses distances over all coordinates
+        messages = [Message(content=RecordDict({P.ARRAYS: P.to_array_record({"delta": v.numpy()}),
+                                                P.METRICS: MetricRecord({P.NUM_EXAMPLES: float(w)})}),
+                            dst_node_id=i + 1, message_type=MessageType.TRAIN)
+                    for i, (v, w) in enumerate(zip(vectors, weights))]
+        combined, _ = self.rule.aggregate_train(0, messages)
+        return None if combined is None else torch.from_numpy(np.array(combined["delta"].numpy(), np.float32))
+
+
+def make_combiner(cfg, default: str = "mean") -> Combiner:
+    """The aggregate stage ``strategy.aggregator`` asks for (checked by the preflight first)."""
+    aggregator, problems = aggregator_problems(cfg, default)
+    if problems:
+        raise ConfigError("; ".join(problems))
     if aggregator == "mean":
-        return
-    refusal = getattr(strategy, "robust_refusal", None)
-    if refusal:
-        raise ConfigError(f"strategy.aggregator={aggregator!r} is not available for strategy "
-                          f"{section.name!r}: {refusal}")
-    from stamen.strategies.base import sample_count
-
-    cohort = sample_count(cfg.federation.fraction_train, cfg.federation.clients)
-    need = min_replies_for(aggregator, f)
-    if cohort < need:
-        raise ConfigError(f"strategy.aggregator={aggregator!r} with num_malicious_nodes={f} needs at least {need} "
-                          f"replies per round, but a round samples {cohort} clients (federation.clients × "
-                          f"fraction_train); lower num_malicious_nodes or sample more clients")
-    if aggregator == "multikrum" and section.num_nodes_to_select > cohort:
-        raise ConfigError(f"strategy.num_nodes_to_select={section.num_nodes_to_select} exceeds the {cohort} clients "
-                          "sampled per round")
-    strategy.robust_rule = make_rule(aggregator, num_malicious_nodes=f, num_nodes_to_select=section.num_nodes_to_select,
-                                     trim_beta=0.2 if section.trim_beta is None else section.trim_beta)
-
-
-def robust_aggregate(strategy, server_round: int, accepted: list[Message],
-                     step: Callable[[int, list[Message]], Any]):
-    """Combine the decoded replies with the strategy's robust rule, then let ``step`` (the base
-    strategy's own ``aggregate_train``) move the global model to that single combined model."""
-    contents = [m.content for m in accepted]
-    metrics = strategy.train_metrics_aggr_fn(contents, strategy.weighted_by_key)
-    total = sum(float(c.metric_records[P.METRICS][P.NUM_EXAMPLES]) for c in contents)
-    need = min_replies_for(strategy.aggregator, getattr(strategy.robust_rule, "num_malicious_nodes", 0))
-    if len(accepted) < need:
-        log.warning("round %d failed: aggregator %s needs %d valid replies, got %d; the global model is unchanged",
-                    server_round, strategy.aggregator, need, len(accepted))
-        return None, None
-    combined, _ = strategy.robust_rule.aggregate_train(server_round, accepted)  # consumes the replies' arrays
-    if combined is None:
-        log.warning("round %d failed: aggregator %s returned no model; the global model is unchanged",
-                    server_round, strategy.aggregator)
-        return None, None
-    one = Message(content=RecordDict({P.ARRAYS: combined, P.METRICS: MetricRecord({P.NUM_EXAMPLES: total})}),
-                  dst_node_id=accepted[0].metadata.dst_node_id, message_type=MessageType.TRAIN)
-    arrays, _ = step(server_round, [one])
-    return arrays, metrics
+        return WeightedMean()
+    s = cfg.strategy
+    return RobustCombiner(aggregator, num_malicious_nodes=s.num_malicious_nodes,
+                          num_nodes_to_select=s.num_nodes_to_select,
+                          trim_beta=0.2 if s.trim_beta is None else s.trim_beta)

@@ -1,6 +1,7 @@
 """Strategies that aggregate in sketch space: ``sketched_fedavg`` and ``fetchsgd``.
 
-``sketched_fedavg`` — iterative sketching (Song, Wang, Yu, Zhang, ICML 2023). Round t draws a
+``sketched_fedavg`` — iterative sketching (Song, Wang, Yu, Zhang, "Sketching for First Order
+Method: Efficient Algorithm for Low-Bandwidth Channel and Vulnerability", ICML 2023). Round t draws a
 fresh sketch R_t from (run seed, t) on every party (``compression.codec``: ``gaussian``,
 ``srht``, ``sparsejl``, ``rademacher`` or ``countsketch``); client duty: upload R_t Δ; server
 duty: average the sketches (weighted by examples) *before* de-sketching, de-sketch once with
@@ -8,7 +9,8 @@ R_tᵀ (CountSketch: the linear mean-over-rows adjoint) and apply w ← w + η_g
 The sketch is unbiased (E[RᵀR] = I) but noisy: expect about d/s times more rounds than FedAvg
 for s/d of the uplink bytes.
 
-``fetchsgd`` — FetchSGD (Rothchild et al., ICML 2020). Clients upload CountSketch tables of
+``fetchsgd`` — FetchSGD (Rothchild, Panda, Ullah, Ivkin, Stoica, Braverman, Gonzalez, Arora,
+"FetchSGD: Communication-Efficient Federated Learning with Sketching", ICML 2020). Clients upload CountSketch tables of
 their update under ONE operator for the whole run (the momentum and error tables must live in
 the same sketch space; the strategy tells clients ``codec-round = 0``). Server duty, in sketch
 space: S = Σ w_i·S_i; momentum S_u ← ρ·S_u + S; error accumulation S_e ← S_e + η_g·S_u;
@@ -43,155 +45,165 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from flwr.app import MetricRecord
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.app import ArrayRecord
 from pydantic import Field
 
-from stamen import protocol as P
-from stamen.sketching.codec import CodecContext, PayloadError, make_codec
+from stamen.core import Capabilities
+from stamen.schema import train as T
+from stamen.sketching.codec import Codec, CodecContext, PayloadError
 from stamen.sketching.downlink import sketch_step, sparse_payload, sparse_step
-from stamen.strategies.base import _reply_order
-from stamen.strategies.catchup import CatchUpKeys, CatchUpStrategy
-from stamen.strategies.registry import _FLOWER_SAMPLING, Options, StrategySpec, register_strategy
+from stamen.strategies.catchup import CatchUpDownlink
+from stamen.strategies.method import Method
+from stamen.strategies.registry import Options, StrategySpec, register_strategy
 
 log = logging.getLogger("stamen.strategy")
 
 MERGEABLE = ("gaussian", "srht", "sparsejl", "rademacher", "countsketch")
 DOWNLINKS = ("compressed", "dense")
 
-# Message config entries shared with client/trainers_sketched.py (the two sides share only messages)
-SKETCHED_KEYS = CatchUpKeys("sketched")  # downlink "sketched": the mean sketch of each missed round
-FETCHSGD_KEYS = CatchUpKeys("fetchsgd")  # downlink "fetchsgd": the k coordinates of each missed round
-SKETCHED_SERVER_LR = "sketched-server-lr"  # η_g of the de-sketching step
+SKETCHED_KEYS = T.CatchUpKeys("sketched")  # downlink "sketched": the mean sketch of each missed round
+FETCHSGD_KEYS = T.CatchUpKeys("fetchsgd")  # downlink "fetchsgd": the k coordinates of each missed round
+
+SKETCH_SPACE = Capabilities(
+    aggregation="payload", codecs=MERGEABLE, privacy_sites=frozenset({"sketch", "local"}), robust=False,
+    notes={"robust": "updates are averaged in sketch space and de-sketched once; a robust rule does not commute with "
+                     "de-sketching (use fedavg/fedprox/fedadam with a compression codec instead)",
+           "codecs": "a mergeable sketch whose payloads may be summed"})
 
 
-class SketchSpaceStrategy(CatchUpStrategy, FedAvg):
-    """Validates replies, combines their sketches with example weights, leaves the rest to subclasses
-    (and the downlink to :class:`CatchUpStrategy`)."""
+class SketchMethod(Method):
+    """Clients upload linear sketches; the server combines the payloads as vectors (weighted mean,
+    or the DP noisy sum), then de-sketches once in :meth:`step` (module docstring).
 
-    robust_refusal = ("updates are averaged in sketch space and de-sketched once; a robust rule does not commute "
-                      "with de-sketching (use fedavg/fedprox/fedadam with a compression codec instead)")
+    A payload is read as one fp32 vector: its arrays in key order, each checked against the
+    codec's own payload for this model (keys, shapes, dtypes; encoded once from a zero update).
+    """
 
-    codec_round: int | None = None  # fixed operator round (None: a fresh operator each round)
-    _transient = CatchUpStrategy._transient + ("downlink",)
+    capabilities = SKETCH_SPACE
+    #: fixed operator round (None: a fresh operator each round)
+    codec_round: int | None = None
 
-    def __init__(self, *, downlink: str = "compressed", **kw):
-        super().__init__(**kw)
+    def __init__(self, *, codec: str, codec_options: dict[str, Any], keys: T.CatchUpKeys | None, downlink: str):
         if downlink not in DOWNLINKS:
             raise ValueError(f"strategy.downlink must be one of {list(DOWNLINKS)}, got {downlink!r}")
-        self.downlink = downlink
+        self.codec_name, self.codec_options = codec, dict(codec_options)
+        self.downlink = CatchUpDownlink(keys, enabled=downlink == "compressed") if keys is not None else None
+        self._template: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
+        self._update: dict[str, np.ndarray] | None = None  # this round's compact update (the downlink's U_t)
 
-    def catchup_enabled(self) -> bool:
-        return self.downlink == "compressed"
-
-    def client_instructions(self, server_round: int) -> dict[str, Any]:
-        out = {**super().client_instructions(server_round), "codec-options": json.dumps(self.codec_options)}
-        if self.codec_round is not None:
-            out["codec-round"] = self.codec_round
-        return out
+    def bind(self, run) -> None:
+        super().bind(run)
+        if self.downlink is not None:
+            self.downlink.bind(run.layout)
 
     def ctx(self, server_round: int) -> CodecContext:
         rnd = server_round if self.codec_round is None else self.codec_round
-        return CodecContext(seed=self.seed, round=rnd, layout=self.layout)
+        return CodecContext(seed=self.run.seed, round=rnd, layout=self.run.layout)
 
-    def combined_sketch(self, server_round: int, replies) -> tuple[dict[str, np.ndarray] | None, list, set[int]]:
-        """The example-weighted mean of the valid replies' sketches, the valid reply contents and their nodes."""
-        self.last_rejected, self.last_participants = [], []
-        payloads, weights, contents, nodes = [], [], [], set()
-        ctx = self.ctx(server_round)
-        for msg in sorted(replies, key=_reply_order):
-            node = msg.metadata.src_node_id
-            try:
-                pid, payload, metrics = self.check_envelope(msg)
-                if pid in self.last_participants:
-                    raise ValueError(f"duplicate reply for partition-id {pid}")
-                self.codec.read_sketch(payload, ctx)  # keys, dtype, shape, finiteness
-            except (PayloadError, ValueError, KeyError, TypeError) as err:
-                log.warning("round %d: rejected reply from node %s: %s", server_round, node, err)
-                self.last_rejected.append((node, str(err)))
-                continue
-            self.last_participants.append(pid)
-            payloads.append(payload)
-            weights.append(float(metrics[P.NUM_EXAMPLES]))
-            contents.append(msg.content)
-            nodes.add(node)
-        if len(payloads) < self.min_replies:
-            return None, contents, nodes
-        total = sum(weights)
-        return self.codec.combine(payloads, ctx, [w / total for w in weights]), contents, nodes
-
-    def finish_round(self, server_round: int, flat: torch.Tensor | None, update: dict[str, np.ndarray] | None,
-                     nodes: set[int], contents):
-        """Record round t's compact update for the downlink; the (arrays, metrics) aggregate_train returns."""
-        if flat is not None and not bool(torch.isfinite(flat).all()):
-            log.warning("round %d: the update overflows; the global model is unchanged", server_round)
-            flat, update = None, None
-        self.end_catchup_round(server_round, update if flat is not None else None, nodes)
-        if flat is None:
-            return None, None
-        return P.to_array_record(self.layout.unflatten(flat)), self.train_metrics(contents)
-
-    def round_metrics(self, server_round: int) -> dict[str, Any]:
-        return self.downlink_metrics()
-
-    @staticmethod
-    def train_metrics(contents) -> MetricRecord:
-        return aggregate_metricrecords(
-            [type(c)({P.METRICS: c.metric_records[P.METRICS]}) for c in contents], P.NUM_EXAMPLES)
-
-
-class SketchedFedAvg(SketchSpaceStrategy):
-    """Iterative sketching: average sketches, de-sketch once, step with η_g (see module doc)."""
-
-    catchup = SKETCHED_KEYS
-
-    def __init__(self, server_lr: float, **kw):
-        super().__init__(**kw)
-        self.server_lr = server_lr
-
-    def client_instructions(self, server_round: int) -> dict[str, Any]:
-        out = super().client_instructions(server_round)
-        if self.catchup_enabled():
-            out[SKETCHED_SERVER_LR] = float(self.server_lr)
+    # -- what the clients are told ------------------------------------------------------------
+    def instructions(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        out: dict[str, Any] = {T.CODEC_OPTIONS: json.dumps(self.codec_options)}
+        if self.codec_round is not None:
+            out[T.CODEC_ROUND] = self.codec_round
         return out
 
-    def aggregate_train(self, server_round: int, replies):
-        mean, contents, nodes = self.combined_sketch(server_round, list(replies))
-        flat = None
-        if mean is not None:
-            try:  # w + η_g R_tᵀ ȳ (CountSketch: the linear adjoint); clients repeat exactly this step
-                flat = sketch_step(self.layout.flatten(self._global), self.codec, mean, self.ctx(server_round),
-                                   self.server_lr)
-            except PayloadError as err:
-                log.warning("round %d: the mean sketch does not de-sketch (%s); the global model is unchanged",
-                            server_round, err)
-        return self.finish_round(server_round, flat, mean, nodes, contents)
+    def messages(self, server_round, arrays, config, targets, identity):
+        if self.downlink is None:
+            return super().messages(server_round, arrays, config, targets, identity)
+        flat = self.run.layout.flatten(arrays_to_numpy(arrays))
+        return self.downlink.messages(server_round, arrays, flat, config, targets, identity)
+
+    # -- payloads as vectors --------------------------------------------------------------------
+    def template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Keys, shapes and dtypes of this codec's payloads for the model (all fp32)."""
+        if self._template is None:
+            zero = self.run.codec.encode(torch.zeros(self.run.layout.d), self.ctx(1), {})
+            self._template = {k: (tuple(np.asarray(v).shape), np.asarray(v).dtype) for k, v in sorted(zero.items())}
+        return self._template
+
+    def contribution_size(self) -> int:
+        return int(sum(int(np.prod(shape)) for shape, _ in self.template().values()))
+
+    def contribution(self, payload, ctx):
+        template = self.template()
+        Codec.expect_keys(payload, set(template))
+        parts = [Codec.expect(payload, k, dtype=dtype, shape=shape).reshape(-1) for k, (shape, dtype) in template.items()]
+        return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=True))
+
+    def unpack(self, vector: torch.Tensor) -> dict[str, np.ndarray]:
+        out, start, array = {}, 0, vector.numpy()
+        for key, (shape, _) in self.template().items():
+            size = int(np.prod(shape))
+            out[key] = array[start:start + size].reshape(shape).astype(np.float32, copy=True)
+            start += size
+        return out
+
+    # -- after the round ------------------------------------------------------------------------
+    def after_round(self, server_round, accepted, stepped) -> None:
+        if self.downlink is not None:
+            self.downlink.end_round(server_round, self._update if stepped is not None else None,
+                                    {r.node for r in accepted})
+        self._update = None
+
+    def round_metrics(self, server_round: int) -> dict[str, Any]:
+        return self.downlink.downlink_metrics() if self.downlink is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"downlink": self.downlink.state_dict()} if self.downlink is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.downlink is not None:
+            self.downlink.load_state_dict(state["downlink"])
 
 
-class FetchSGD(SketchSpaceStrategy):
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+class SketchedFedAvg(SketchMethod):
+    """Iterative sketching: average sketches, de-sketch once, step with η_g (see module doc)."""
+
+    def __init__(self, server_lr: float, **kw):
+        super().__init__(keys=SKETCHED_KEYS, **kw)
+        self.server_lr = float(server_lr)
+
+    def instructions(self, server_round, arrays):
+        out = super().instructions(server_round, arrays)
+        if self.downlink.enabled:
+            out[T.SKETCHED_SERVER_LR] = self.server_lr
+        return out
+
+    def step(self, server_round, global_arrays, aggregate, total_weight):
+        mean = self.unpack(aggregate)
+        try:  # w + η_g R_tᵀ ȳ (CountSketch: the linear adjoint); clients repeat exactly this step
+            flat = sketch_step(self.run.layout.flatten(global_arrays), self.run.codec, mean, self.ctx(server_round),
+                               self.server_lr)
+        except PayloadError as err:
+            log.warning("round %d: the mean sketch does not de-sketch (%s); the global model is unchanged",
+                        server_round, err)
+            return None
+        self._update = mean
+        return self.run.layout.unflatten(flat)
+
+
+class FetchSGD(SketchMethod):
     """CountSketch momentum and error accumulation on the server, top-k unsketch (see module doc)."""
 
+    capabilities = Capabilities(aggregation="payload", codecs=(), privacy_sites=frozenset({"sketch", "local"}),
+                                robust=False, notes=SKETCH_SPACE.notes)
     codec_round = 0
-    catchup = FETCHSGD_KEYS
 
-    def bind(self, **kw) -> None:
-        """As StamenStrategy.bind, with this strategy's own CountSketch codec."""
-        kw["codec"] = make_codec("countsketch", **self.codec_options)
-        super().bind(**kw)
-
-    def __init__(self, k: int, momentum: float, error_feedback: bool, server_lr: float, **kw):
-        super().__init__(**kw)
+    def __init__(self, k: int, momentum: float, error_feedback: bool, server_lr: float, *, rows: int, ratio: float,
+                 downlink: str):
+        super().__init__(codec="countsketch", codec_options={"rows": rows, "ratio": ratio}, keys=FETCHSGD_KEYS,
+                         downlink=downlink)
         self.k, self.momentum, self.error_feedback, self.server_lr = k, momentum, error_feedback, server_lr
         self.s_u: torch.Tensor | None = None  # momentum table
         self.s_e: torch.Tensor | None = None  # error-accumulation table
 
-    def aggregate_train(self, server_round: int, replies):
-        mean, contents, nodes = self.combined_sketch(server_round, list(replies))
-        if mean is None:
-            return self.finish_round(server_round, None, None, nodes, contents)
-        ctx = self.ctx(server_round)
-        table = torch.from_numpy(np.array(mean[self.codec.payload_key], copy=True))
+    def step(self, server_round, global_arrays, aggregate, total_weight):
+        codec, ctx = self.run.codec, self.ctx(server_round)
+        table = torch.from_numpy(self.unpack(aggregate)[codec.payload_key])
         if self.s_u is None:
             self.s_u, self.s_e = torch.zeros_like(table), torch.zeros_like(table)
         self.s_u = self.momentum * self.s_u + table if self.momentum > 0 else table
@@ -200,16 +212,25 @@ class FetchSGD(SketchSpaceStrategy):
             source = self.s_e
         else:
             source = self.server_lr * self.s_u
-        k = min(self.k, self.layout.d)
-        indices, values = self.codec.unsketch_topk({self.codec.payload_key: source.numpy()}, ctx, k)
-        buckets = self.codec.operator(ctx).buckets(indices)  # (rows, k)
+        k = min(self.k, self.run.layout.d)
+        indices, values = codec.unsketch_topk({codec.payload_key: source.numpy()}, ctx, k)
+        buckets = codec.operator(ctx).buckets(indices)  # (rows, k)
         rows = torch.arange(buckets.shape[0]).unsqueeze(1).expand_as(buckets)
         self.s_u[rows, buckets] = 0.0
         if self.error_feedback:
             self.s_e[rows, buckets] = 0.0
-        update = sparse_payload(indices, values, self.layout.d)  # what the downlink carries
-        flat = sparse_step(self.layout.flatten(self._global), update, ctx)  # clients repeat exactly this step
-        return self.finish_round(server_round, flat, update, nodes, contents)
+        self._update = sparse_payload(indices, values, self.run.layout.d)  # what the downlink carries
+        flat = sparse_step(self.run.layout.flatten(global_arrays), self._update, ctx)  # clients repeat this step
+        return self.run.layout.unflatten(flat)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "s_u": None if self.s_u is None else self.s_u.numpy(),
+                "s_e": None if self.s_e is None else self.s_e.numpy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.s_u = None if state["s_u"] is None else torch.from_numpy(np.array(state["s_u"], np.float32))
+        self.s_e = None if state["s_e"] is None else torch.from_numpy(np.array(state["s_e"], np.float32))
 
 
 class SketchedOptions(Options):
@@ -232,30 +253,20 @@ class FetchSGDOptions(Options):
 
 
 def _make_sketched(options: SketchedOptions, cfg) -> SketchedFedAvg:
-    name = cfg.compression.codec
-    if name not in MERGEABLE:
-        raise ValueError(f"strategy 'sketched_fedavg' needs a mergeable sketch codec (compression.codec one of "
-                         f"{list(MERGEABLE)}), got {name!r}")
-    s = SketchedFedAvg(server_lr=options.server_lr, downlink=options.downlink, **_FLOWER_SAMPLING)
-    s.codec_options = cfg.compression.options()
-    make_codec(name, **s.codec_options)  # fail early on bad compression.* options
-    return s
+    return SketchedFedAvg(server_lr=options.server_lr, downlink=options.downlink, codec=cfg.compression.codec,
+                          codec_options=cfg.compression.options())
 
 
 def _make_fetchsgd(options: FetchSGDOptions, cfg) -> FetchSGD:
-    s = FetchSGD(k=options.k, momentum=options.momentum, error_feedback=options.error_feedback,
-                 server_lr=options.server_lr, downlink=options.downlink, **_FLOWER_SAMPLING)
-    if cfg.compression.codec not in ("dense", "countsketch") or cfg.compression.options():
-        raise ValueError("strategy 'fetchsgd' brings its own CountSketch (strategy.rows, strategy.ratio); "
-                         "leave compression.* at its defaults")
-    s.codec_options = {"rows": options.rows, "ratio": options.ratio}
-    make_codec("countsketch", **s.codec_options)
-    return s
+    return FetchSGD(k=options.k, momentum=options.momentum, error_feedback=options.error_feedback,
+                    server_lr=options.server_lr, rows=options.rows, ratio=options.ratio, downlink=options.downlink)
 
 
 register_strategy(StrategySpec(
     "sketched_fedavg", _make_sketched, SketchedOptions,
-    "Iterative sketching (Song et al. 2023): clients upload R_tΔ, the server averages sketches and de-sketches once"))
+    "Iterative sketching (Song et al. 2023): clients upload R_tΔ, the server averages sketches and de-sketches once",
+    SKETCH_SPACE))
 register_strategy(StrategySpec(
     "fetchsgd", _make_fetchsgd, FetchSGDOptions,
-    "FetchSGD (Rothchild et al. 2020): CountSketch tables, momentum + error accumulation in sketch space, top-k"))
+    "FetchSGD (Rothchild et al. 2020): CountSketch tables, momentum + error accumulation in sketch space, top-k",
+    FetchSGD.capabilities))

@@ -1,4 +1,5 @@
-"""Curriculum learning for federated clients: score, order, pace (``/work/shared/specs/curriculum.md``).
+"""Curriculum learning for federated clients: score, order, pace (Vahidian et al., "When Do Curricula Work in Federated
+Learning?", ICCV 2023).
 
 Pure functions and one small stateful class, no Flower:
 
@@ -430,6 +431,18 @@ class ClientCurriculum:
             self._taken.add(cid)
             chosen.append(cid)
         return chosen
+
+    def state_dict(self) -> dict:
+        """The selection state (scores, order, the current pass) as plain data, for checkpoints."""
+        return {"scores": dict(self._scores), "order": None if self._order is None else list(self._order),
+                "queue": list(self._queue), "taken": sorted(self._taken), "score_reports": int(self.score_reports)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the pacing horizon (``total_updates``) stays this object's own."""
+        self._scores = {cid: float(v) for cid, v in state["scores"].items()}
+        self._order = None if state["order"] is None else list(state["order"])
+        self._queue, self._taken = list(state["queue"]), set(state["taken"])
+        self.score_reports = int(state["score_reports"])
 
     def _sync_queue(self, pool: list[ClientId], generator: torch.Generator) -> None:
         """Bring the current pass in line with the pool: drop leavers, shuffle newcomers into the queue."""

@@ -15,21 +15,36 @@ class LocalGrid(InProcessGrid):
         return super().send_and_receive(kept, timeout=timeout)
 
 
+class RecordingGrid(LocalGrid):
+    """Keeps every train reply that carries an update (what the server received)."""
+
+    def __init__(self, cfg, fail=None):
+        super().__init__(cfg, fail)
+        self.replies = []
+        self.messages = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.messages.extend(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.replies.extend(r for r in replies if "update" in r.content.array_records)
+        return replies
+
+
 def run_capturing_strategy(cfg, out, *, resume=False, grid=None):
-    """Run ``cfg`` on the in-process grid; return (run directory, the strategy object the loop built, the grid)."""
+    """Run ``cfg`` on the in-process grid; return (run directory, the round pipeline the loop built, the grid)."""
     from unittest import mock
 
     from stamen.server import loop
     from stamen.server.results import RunDirectory
-    from stamen.strategies.registry import build_strategy
+    from stamen.strategies.preflight import build_pipeline
 
     grid = grid or LocalGrid(cfg)
     made = []
 
-    def capture(c):
-        made.append(build_strategy(c))
+    def capture(c, **kw):
+        made.append(build_pipeline(c, **kw))
         return made[-1]
 
-    with mock.patch.object(loop, "build_strategy", capture):
+    with mock.patch.object(loop, "build_pipeline", capture):
         loop.run_federation(grid, cfg, out, resume=resume)
     return RunDirectory(out), made[0], grid

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 from torch.nn import functional as F
 
-from stamen import protocol as P
+from stamen import schema as P
 from stamen.tasks import curriculum as C
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer, train_sgd
 from stamen.client.trainers_curriculum import LOCAL_MODEL_STATE, curriculum_settings, expert_model
@@ -19,7 +19,8 @@ from stamen.config import load
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
 from stamen.strategies.curriculum import CurriculumOptions
-from stamen.strategies.registry import StrategyConfigError, build_strategy
+from stamen.strategies.preflight import build_pipeline
+from stamen.strategies.registry import StrategyConfigError
 from stamen.tasks.task import get_weights, load_task
 
 torch.set_num_threads(1)  # as the client workers do
@@ -191,7 +192,8 @@ def test_vanilla_curriculum_strategy_is_fedavg(tmp_path):
         assert np.array_equal(v, ck_b["arrays"][k])
     # oracle for the downlink difference: the curriculum entries in each train message's config
     weights = P.to_array_record(_task().initial_weights())
-    base = {"server-round": 1, P.CODEC: "dense"}
+    base = {"server-round": 1, "codec": "dense", P.SCHEMA: 1, P.RUN_ID: "0" * 16, P.NONCE: "0" * 32,
+            P.PARTITION_ID: 0}  # as every instruction: identity entries of the same lengths
     extra = {"trainer": "curriculum", "curriculum-ordering": "vanilla", "curriculum-pacing": "linear",
              "curriculum-a": 0.8, "curriculum-b": 0.2, "curriculum-scorer": "G", "curriculum-score": "loss",
              "curriculum-expert-epochs": 20, "curriculum-report-score": False}
@@ -301,7 +303,7 @@ def test_task_curriculum_works_under_other_strategies(tmp_path):
                                         ("clients", 3)])
 def test_bad_strategy_options_are_named(key, value):
     with pytest.raises(StrategyConfigError, match=f"strategy.{key}"):
-        build_strategy(load(overrides=["strategy.name=curriculum", f"strategy.{key}={value}"]))
+        build_pipeline(load(overrides=["strategy.name=curriculum", f"strategy.{key}={value}"]))
 
 
 def test_option_vocabularies_match_the_client_module():

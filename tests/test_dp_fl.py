@@ -12,7 +12,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
-from _localgrid import LocalGrid
+from _localgrid import LocalGrid, RecordingGrid
 from dp_accounting import rdp as dp_rdp
 
 from stamen.client import trainers
@@ -21,8 +21,9 @@ from stamen.config import ConfigError, load
 from stamen.privacy.accounting import Accountant
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
-from stamen.sketching.codec import CodecContext, Layout, make_codec
-from stamen.strategies.registry import build_strategy
+from stamen.core import Layout
+from stamen.sketching.codec import CodecContext, make_codec
+from stamen.strategies.preflight import CombinationError, build_pipeline
 from stamen.tasks.task import load_task
 
 BASE = ["federation.clients=6", "run.rounds=1", "task.local_epochs=1", "task.hidden=64", "eval.every=1000"]
@@ -218,12 +219,14 @@ def test_budget_stops_before_it_is_exceeded(tmp_path, constant_updates):
     assert "epsilon_budget" in summary["stopped"] and f"{acc.epsilon_after(3):.4g}" in summary["stopped"]
     assert summary["rounds"] == 2 and summary["epsilon"] == pytest.approx(acc.epsilon_after(2))
     ck = rd.load_checkpoint()
-    assert ck["round"] == 2 and ck["strategy"]["dp"]["accountant"]["rounds"] == 2
+    assert ck["round"] == 2 and ck["strategy"]["privacy"]["accountant"]["rounds"] == 2
 
 
 def test_resume_continues_the_epsilon_sequence(tmp_path, constant_updates):
+    """With reproducible (debugging) noise a resumed run repeats the uninterrupted one exactly."""
     constant_updates(lambda pid: 0.01 * (pid + 1))
-    opts = ["privacy.clip=0.05", "privacy.noise_multiplier=1.0", "federation.fraction_train=0.5", "eval.every=1"]
+    opts = ["privacy.clip=0.05", "privacy.noise_multiplier=1.0", "federation.fraction_train=0.5", "eval.every=1",
+            "privacy.reproducible_noise=true"]
     _, full, _ = run(tmp_path, "full", *opts, "run.rounds=4")
     _, part, _ = run(tmp_path, "part", *opts, "run.rounds=2")
     _, _, summary = run(tmp_path, "part", resume=True, cfg=load(part.config_path, ["run.rounds=4"]))
@@ -237,20 +240,23 @@ def test_resume_continues_the_epsilon_sequence(tmp_path, constant_updates):
 # -- sampling --------------------------------------------------------------------------------
 
 def bound(cfg):
-    strategy = build_strategy(cfg)
+    pipeline = build_pipeline(cfg)
     n = cfg.federation.clients
-    layout = Layout(("w",), ((3,),))
-    strategy.bind(seed=cfg.run.seed, nodes={i: 100 + i for i in range(n)}, layout=layout, codec=make_codec("dense"),
-                  fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0)
-    return strategy
+    pipeline.bind(seed=cfg.run.seed, nodes={i: 100 + i for i in range(n)}, layout=Layout(("w",), ((3,),)),
+                  fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0, rounds=5, timeout=10.0)
+    return pipeline
+
+
+def cohort(pipeline, rnd):
+    return pipeline.privacy.sample(rnd, sorted(pipeline.nodes))
 
 
 def test_sampling_schemes():
-    common = ["federation.clients=20", "privacy.clip=1.0", "privacy.noise_multiplier=1.0"]
+    common = ["federation.clients=20", "privacy.clip=1.0", "privacy.noise_multiplier=1.0", "privacy.delta=1e-3"]
     poisson = bound(load(overrides=common + ["federation.fraction_train=0.3"]))
     sizes, hits = [], np.zeros(20)
     for rnd in range(1, 401):
-        chosen = poisson.sample_partitions(rnd, 0.3)
+        chosen = cohort(poisson, rnd)
         sizes.append(len(chosen))
         hits[chosen] += 1
     # Binomial(20, 0.3) cohort sizes: mean 6, std ≈ 2.05; every client joins w.p. 0.3
@@ -259,12 +265,41 @@ def test_sampling_schemes():
     assert np.std(sizes) == pytest.approx(math.sqrt(20 * 0.3 * 0.7), rel=0.15)
     assert np.all(np.abs(hits / 400 - 0.3) < 4 * math.sqrt(0.3 * 0.7 / 400))
     fixed = bound(load(overrides=common + ["federation.fraction_train=0.3", "privacy.sampling='fixed'"]))
-    cohorts = [fixed.sample_partitions(rnd, 0.3) for rnd in range(1, 51)]
+    cohorts = [cohort(fixed, rnd) for rnd in range(1, 51)]
     assert {len(c) for c in cohorts} == {6} and all(len(set(c)) == 6 for c in cohorts)
     everyone = bound(load(overrides=common + ["privacy.sampling='none'"]))
-    assert everyone.sample_partitions(3, 1.0) == list(range(20))
-    # the same draw on every call (resume) and only the train sampling is changed
-    assert poisson.sample_partitions(7, 0.3) == poisson.sample_partitions(7, 0.3)
+    assert cohort(everyone, 3) == list(range(20))
+
+
+def test_dp_samples_are_secret_unless_reproducible_noise_is_asked_for():
+    common = ["federation.clients=40", "privacy.clip=1.0", "privacy.noise_multiplier=1.0",
+              "federation.fraction_train=0.5", "privacy.delta=1e-3"]
+    a, b = (bound(load(overrides=common)) for _ in range(2))
+    # same seed, same round: independent draws (P[equal] = 2^-40 per round)
+    assert [cohort(a, r) for r in range(1, 6)] != [cohort(b, r) for r in range(1, 6)]
+    assert cohort(a, 7) != cohort(a, 7)
+    c, d = (bound(load(overrides=common + ["privacy.reproducible_noise=true"])) for _ in range(2))
+    assert [cohort(c, r) for r in range(1, 6)] == [cohort(d, r) for r in range(1, 6)]
+
+
+def test_poisson_cohort_sizes_fit_the_binomial_and_do_not_repeat():
+    """Goodness of fit of 2,000 secret Poisson cohort sizes to Binomial(N, q): Pearson's chi-square
+    over bins of expected count >= 5 (scipy for the p-value); and two same-seed runs differ."""
+    from scipy import stats
+
+    n, q, rounds = 30, 0.2, 2000
+    pipeline = bound(load(overrides=[f"federation.clients={n}", "privacy.clip=1.0", "privacy.noise_multiplier=1.0",
+                                     f"federation.fraction_train={q}", "privacy.delta=1e-3"]))
+    sizes = np.array([len(cohort(pipeline, r)) for r in range(1, rounds + 1)])
+    pmf = stats.binom.pmf(np.arange(n + 1), n, q)
+    lo, hi = int(np.argmax(pmf * rounds >= 5)), int(n - np.argmax(pmf[::-1] * rounds >= 5))
+    observed = [np.sum(sizes <= lo)] + [np.sum(sizes == k) for k in range(lo + 1, hi)] + [np.sum(sizes >= hi)]
+    expected = np.array([pmf[:lo + 1].sum()] + list(pmf[lo + 1:hi]) + [pmf[hi:].sum()]) * rounds
+    chi2, p = stats.chisquare(observed, expected)
+    assert p > 1e-4, (chi2, p)
+    again = bound(load(overrides=[f"federation.clients={n}", "privacy.clip=1.0", "privacy.noise_multiplier=1.0",
+                                  f"federation.fraction_train={q}", "privacy.delta=1e-3"]))
+    assert [cohort(again, r) for r in range(1, 21)] != [cohort(pipeline, r) for r in range(1, 21)]
 
 
 def test_poisson_cohorts_vary_in_a_run(tmp_path, constant_updates):
@@ -279,17 +314,6 @@ def test_poisson_cohorts_vary_in_a_run(tmp_path, constant_updates):
 
 # -- sketched_dp -------------------------------------------------------------------------------
 
-class RecordingGrid(LocalGrid):
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.replies = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = super().send_and_receive(messages, timeout=timeout)
-        self.replies.extend(r for r in replies if "update" in r.content.array_records)
-        return replies
-
-
 @pytest.mark.parametrize("codec, options", [("countsketch", ["compression.rows=3"]), ("gaussian", [])])
 def test_sketched_dp_without_noise_is_plain_sketched_averaging(tmp_path, codec, options):
     overrides = BASE + ["task.hidden=16", "strategy.name=sketched_dp", f"compression.codec={codec}", *options]
@@ -298,7 +322,7 @@ def test_sketched_dp_without_noise_is_plain_sketched_averaging(tmp_path, codec, 
     grid = RecordingGrid(private)
     _, rd, _ = run(tmp_path, "dp", cfg=private, grid=grid)
     # the oracle: decode(mean of the client payloads), computed here from the recorded replies
-    from stamen import protocol as P
+    from stamen import schema as P
 
     task = load_task(private.task, private.federation.clients, private.run.seed)
     coder = make_codec(codec, **private.compression.options())
@@ -322,7 +346,7 @@ def test_sketched_dp_clips_the_sketch(tmp_path, constant_updates):
                                  f"privacy.clip={C}", "privacy.site='sketch'", "privacy.sampling='none'"])
     grid = RecordingGrid(cfg)
     run(tmp_path, "a", cfg=cfg, grid=grid)
-    from stamen import protocol as P
+    from stamen import schema as P
 
     norms = [np.linalg.norm(P.from_array_record(r.content.array_records["update"])["table"]) for r in grid.replies]
     assert norms == pytest.approx([C] * cfg.federation.clients, rel=1e-5)
@@ -333,9 +357,7 @@ def test_sketched_dp_clips_the_sketch(tmp_path, constant_updates):
 
 def test_privacy_off_changes_nothing():
     cfg = load(overrides=BASE)
-    strategy = build_strategy(cfg)
-    assert not hasattr(strategy, "_dp") and type(strategy).__name__ == "StamenFedAvg"
-    assert not cfg.privacy.enabled
+    assert build_pipeline(cfg).privacy is None and not cfg.privacy.enabled
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -357,7 +379,7 @@ def test_privacy_off_changes_nothing():
 ])
 def test_bad_privacy_config_names_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        build_strategy(load(overrides=BASE + overrides))
+        build_pipeline(load(overrides=BASE + overrides))
 
 
 def test_adaptive_clip_follows_the_quantile(tmp_path, constant_updates):

@@ -6,14 +6,16 @@ import torch
 from _localgrid import LocalGrid
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from stamen import protocol as P
+from _fakes import flower_identity, reply_to  # noqa: F401
+from stamen import schema as P
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer, train_sgd
 from stamen.client.trainers_adversarial import attack_from_options
 from stamen.config import load
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
 from stamen.sketching.codec import Layout, derive_seed, make_codec
-from stamen.strategies.registry import StrategyConfigError, build_strategy
+from stamen.strategies.preflight import build_pipeline
+from stamen.strategies.registry import StrategyConfigError
 from stamen.tasks.attacks import AttackConfig, robust_accuracy
 from stamen.tasks.task import get_weights, load_task, set_weights
 
@@ -106,7 +108,8 @@ def test_fat_with_eps_zero_is_fedavg(tmp_path):
         assert np.array_equal(v, ck_b["arrays"][k]), k
     # the only difference: the attack settings riding in each train message's config (oracle: protobuf size)
     weights = P.to_array_record(load_task(load(overrides=BASE).task, 5, 0).initial_weights())
-    base = {"server-round": 1, P.CODEC: "dense"}
+    base = {"server-round": 1, "codec": "dense", P.SCHEMA: 1, P.RUN_ID: "0" * 16, P.NONCE: "0" * 32,
+            P.PARTITION_ID: 0}  # as every instruction: identity entries of the same lengths
     extra = {"trainer": "adversarial", "attack-eps": 0.0, "attack-steps": 10, "attack-step-size": 0.0,
              "attack-norm": "linf", "attack-mix": 1.0, "attack-random-start": True}
     per_msg = (P.content_bytes(RecordDict({P.ARRAYS: weights, P.CONFIG: ConfigRecord({**base, **extra})}))
@@ -126,8 +129,8 @@ class _FakeGrid:
 
 def _bound(**opts):
     cfg = load(overrides=["strategy.name=fat"] + [f"strategy.{k}={v}" for k, v in opts.items()])
-    s = build_strategy(cfg)
-    s.bind(seed=0, nodes=NODES, layout=LAYOUT, codec=make_codec("dense"), fraction_train=1.0, fraction_evaluate=0.0)
+    s = build_pipeline(cfg)
+    s.bind(seed=0, nodes=NODES, layout=LAYOUT, fraction_train=1.0, fraction_evaluate=0.0, rounds=2, timeout=10.0)
     return s
 
 
@@ -141,13 +144,7 @@ def test_server_learning_rate_matches_hand_computation(eta):
     # client deltas (flattened w then b) and example counts 1, 1, 2
     deltas = {1001: [1, 0, 0, 0, 2, 0], 1002: [0, 1, 0, 0, 0, 0], 1003: [0, 0, 2, 2, 0, -4]}
     counts = {1001: 1, 1002: 1, 1003: 2}
-    replies = []
-    for m in msgs:
-        nid = m.metadata.dst_node_id
-        pid = next(p for p, n in NODES.items() if n == nid)
-        content = P.train_reply({"values": np.array(deltas[nid], np.float32)},
-                                {P.NUM_EXAMPLES: counts[nid], "train_loss": 1.0}, "dense", pid)
-        replies.append(Message(content=content, reply_to=m))
+    replies = [reply_to(m, deltas[m.metadata.dst_node_id], counts[m.metadata.dst_node_id]) for m in msgs]
     arrays, _ = s.aggregate_train(1, replies)
     # by hand: mean Δ = (1·Δ1 + 1·Δ2 + 2·Δ3)/4 = [0.25, 0.25, 1, 1, 0.5, -2]; w = g + η·meanΔ
     mean_delta = np.array([0.25, 0.25, 1.0, 1.0, 0.5, -2.0])
@@ -160,18 +157,18 @@ def test_server_learning_rate_matches_hand_computation(eta):
                                         ("server_lr", 0), ("step_size", -1), ("radius", 1)])
 def test_bad_strategy_options_are_named(key, value):
     with pytest.raises(StrategyConfigError, match=f"strategy.{key}"):
-        build_strategy(load(overrides=["strategy.name=fat", f"strategy.{key}={value}"]))
+        build_pipeline(load(overrides=["strategy.name=fat", f"strategy.{key}={value}"]))
 
 
 def test_defaults_follow_the_task():
-    digits = build_strategy(load(overrides=["strategy.name=fat"]))
+    digits = build_pipeline(load(overrides=["strategy.name=fat"])).method
     assert (digits.eps, digits.norm, digits.steps) == (0.2, "linf", 10)
     assert digits.resolved_step_size == pytest.approx(0.05)
-    synth = build_strategy(load(overrides=["strategy.name=fat", "task.dataset=synthetic"]))
+    synth = build_pipeline(load(overrides=["strategy.name=fat", "task.dataset=synthetic"])).method
     assert synth.eps > 0 and synth.norm == "linf"
-    explicit = build_strategy(load(overrides=["strategy.name=fat", "strategy.eps=0.05", "strategy.norm=l2"]))
+    explicit = build_pipeline(load(overrides=["strategy.name=fat", "strategy.eps=0.05", "strategy.norm=l2"])).method
     assert (explicit.eps, explicit.norm) == (0.05, "l2")
-    zero = build_strategy(load(overrides=["strategy.name=fat", "strategy.eps=0"]))
+    zero = build_pipeline(load(overrides=["strategy.name=fat", "strategy.eps=0"])).method
     assert zero.threat_model() == {"norm": "linf", "eps": 0.2}  # ε = 0 still evaluates under the task's threat
 
 

@@ -108,7 +108,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path):
     proc.wait()
     done = RunDirectory(part).read_metrics()
     assert 2 <= len(done) < 6, "the run should have been killed mid-way"
-    for f in ("metrics.jsonl", "checkpoint.pkl", "config.toml"):  # whole files, never half-written
+    for f in ("metrics.jsonl", "checkpoint.npz", "config.toml"):  # whole files, never half-written
         assert (part / f).exists()
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(part / "config.toml"), "resume"], check=True)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]

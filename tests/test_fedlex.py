@@ -9,7 +9,9 @@ import torch
 from _localgrid import LocalGrid
 from flwr.app import ConfigRecord, RecordDict
 
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import train as T
+from stamen.strategies.sampling import seeded_sample
 from stamen.client import trainers_guided as TG
 from stamen.client.trainers import TrainJob, TrainSettings, train_sgd
 from stamen.config import load
@@ -17,7 +19,8 @@ from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
 from stamen.sketching.codec import derive_seed, make_codec
 from stamen.strategies import fedlex as FL
-from stamen.strategies.registry import StrategyConfigError, build_strategy
+from stamen.strategies.preflight import build_pipeline
+from stamen.strategies.registry import StrategyConfigError
 from stamen.tasks.task import get_weights, load_task
 
 BASE = ["federation.clients=6", "run.rounds=3", "task.local_epochs=1", "task.hidden=8", "task.batch_size=16",
@@ -73,7 +76,7 @@ def _job(task, options, state=None, pid=0):
 
 def _guided_options(guidance, task):
     raw = FL.guidance_bytes(guidance, task.layout)
-    return {"trainer": "guided", FL.GUIDANCE: raw, FL.GUIDANCE_VERSION: FL.guidance_version(raw)}
+    return {"trainer": "guided", T.GUIDANCE: raw, T.GUIDANCE_VERSION: FL.guidance_version(raw)}
 
 
 @pytest.mark.parametrize("opt,momentum,wd", [("sgd", 0.0, 0.0), ("sgd", 0.9, 0.01), ("adam", 0.0, 0.01)])
@@ -126,11 +129,11 @@ def test_guidance_is_cached_in_node_state_and_checked():
     state = RecordDict()
     s = TrainSettings(epochs=1, batch_size=8, lr=0.1)
     TG.train_guided(task.new_model(), X, y, s, torch.Generator().manual_seed(0), _job(task, options, state))
-    assert state.config_records[TG.STATE_GUIDANCE_META]["version"] == options[FL.GUIDANCE_VERSION]
+    assert state.config_records[TG.STATE_GUIDANCE_META]["version"] == options[T.GUIDANCE_VERSION]
     cached = P.from_array_record(state.array_records[TG.STATE_GUIDANCE])
     assert all(np.array_equal(cached[k], g[k]) for k in g)
     # later rounds: version only, G comes from the cache — same training as with G attached
-    lean = {k: v for k, v in options.items() if k != FL.GUIDANCE}
+    lean = {k: v for k, v in options.items() if k != T.GUIDANCE}
     a, b = task.new_model(), task.new_model()
     TG.train_guided(a, X, y, s, torch.Generator().manual_seed(5), _job(task, lean, state))
     TG.train_guided(b, X, y, s, torch.Generator().manual_seed(5), _job(task, options, RecordDict()))
@@ -139,10 +142,10 @@ def test_guidance_is_cached_in_node_state_and_checked():
         TG.train_guided(task.new_model(), X, y, s, torch.Generator(), _job(task, lean, RecordDict()))
     with pytest.raises(ValueError, match="do not match"):
         TG.train_guided(task.new_model(), X, y, s, torch.Generator(),
-                        _job(task, {**options, FL.GUIDANCE_VERSION: "0" * 16}, RecordDict()))
+                        _job(task, {**options, T.GUIDANCE_VERSION: "0" * 16}, RecordDict()))
     with pytest.raises(ValueError, match="must hold"):
         TG.train_guided(task.new_model(), X, y, s, torch.Generator(),
-                        _job(task, {**options, FL.GUIDANCE: options[FL.GUIDANCE][:-4]}, RecordDict()))
+                        _job(task, {**options, T.GUIDANCE: options[T.GUIDANCE][:-4]}, RecordDict()))
     assert TG.guidance_version(b"xyz") == FL.guidance_version(b"xyz")  # the two sides agree
 
 
@@ -176,12 +179,14 @@ def test_each_explorer_trains_its_own_copy_of_w0():
                  "task.lr=0.5")
     task = load_task(cfg.task, 6, 0)
     grid = LocalGrid(cfg)
-    strategy = build_strategy(cfg)
-    strategy.bind(seed=0, nodes={i: nid for i, nid in enumerate(grid.node_ids)}, layout=task.layout,
-                  codec=make_codec("dense"), fraction_train=1.0, fraction_evaluate=0.0)
+    pipeline = build_pipeline(cfg)
+    pipeline.bind(seed=0, nodes={i: nid for i, nid in enumerate(grid.node_ids)}, layout=task.layout,
+                  fraction_train=1.0, fraction_evaluate=0.0, rounds=2, timeout=60.0)
+    pipeline._grid = grid  # the grid configure_train would have been given
+    strategy = pipeline.method
     w0 = task.initial_weights()
     arrays = P.to_array_record(w0)
-    strategy.explore(arrays, grid)
+    strategy.explore(arrays)
     assert all(np.array_equal(arrays[k].numpy(), w0[k]) for k in w0)  # the initial weights are untouched
     explorers = strategy.exploration["explorers"]
     assert len(explorers) == 3 and strategy.exploration["rejected"] == 0
@@ -194,11 +199,13 @@ def test_each_explorer_trains_its_own_copy_of_w0():
     expected = FL.guidance_matrix([strategy.displacements[p] for p in explorers], "normalize_then_average")
     assert all(np.array_equal(strategy.guidance[k], expected[k]) for k in expected)
     # a second exploration with the explorers in the other order gives the same displacements
-    again = build_strategy(cfg)
+    again = build_pipeline(cfg)
     again.bind(seed=0, nodes={i: nid for i, nid in enumerate(grid.node_ids)}, layout=task.layout,
-               codec=make_codec("dense"), fraction_train=1.0, fraction_evaluate=0.0)
-    again.sample_partitions = lambda *a, **k: list(reversed(explorers))
-    again.explore(arrays, grid)
+               fraction_train=1.0, fraction_evaluate=0.0, rounds=2, timeout=60.0)
+    again._grid = grid
+    again.run.sample = lambda *a, **k: list(reversed(explorers))
+    again = again.method
+    again.explore(arrays)
     for pid in explorers:
         assert all(np.array_equal(again.displacements[pid][k], strategy.displacements[pid][k]) for k in w0)
 
@@ -208,7 +215,7 @@ def _config_overhead(version):
     """Bytes that the entries ``trainer`` and ``fedlex-guidance-version`` add to a train message."""
     plain = {"codec": "dense", "server-round": 1}
     return (P.content_bytes(RecordDict({"config": ConfigRecord({**plain, "trainer": "guided",
-                                                                FL.GUIDANCE_VERSION: version})}))
+                                                                T.GUIDANCE_VERSION: version})}))
             - P.content_bytes(RecordDict({"config": ConfigRecord(plain)})))
 
 
@@ -238,12 +245,9 @@ def test_guidance_travels_once_per_node(tmp_path):
     opts = ["federation.fraction_train=0.5", "run.rounds=4"]
     cfg, plain, _ = run(tmp_path, "plain", *opts)
     _, rows, _ = run(tmp_path, "fedlex", *opts, *FEDLEX)
-    strategy = build_strategy(cfg)
-    strategy.bind(seed=0, nodes={i: i for i in range(6)}, layout=None, codec=None, fraction_train=0.5,
-                  fraction_evaluate=0.0)
     seen, per_node = set(), None
     for r, p in zip(rows, plain):
-        sampled = set(strategy.sample_partitions(r["round"], 0.5))
+        sampled = set(seeded_sample(cfg.run.seed, r["round"], list(range(6)), 0.5))
         new = sampled - seen
         seen |= sampled
         assert r["guidance_sent"] == len(new)
@@ -275,9 +279,9 @@ def test_resume_keeps_the_guidance(tmp_path):
     opts = [*FEDLEX, "federation.fraction_train=0.5"]
     _, full, _ = run(tmp_path, "full", *opts, "run.rounds=4")
     cfg, _, _ = run(tmp_path, "part", *opts, "run.rounds=2")
-    g_before = pickle.loads((tmp_path / "part" / "checkpoint.pkl").read_bytes())["strategy"]["guidance"]
+    g_before = RunDirectory(tmp_path / "part").load_checkpoint()["strategy"]["method"]["guidance"]
     _, part, _ = run(tmp_path, "part", resume=True, cfg=load(tmp_path / "part" / "config.toml", ["run.rounds=4"]))
-    g_after = pickle.loads((tmp_path / "part" / "checkpoint.pkl").read_bytes())["strategy"]["guidance"]
+    g_after = RunDirectory(tmp_path / "part").load_checkpoint()["strategy"]["method"]["guidance"]
     assert all(np.array_equal(g_before[k], g_after[k]) for k in g_before)
     skip = NON_METRIC | {"downlink_bytes", "guidance_downlink_bytes", "guidance_sent", "exploration"}
     assert [{k: v for k, v in r.items() if k not in skip} for r in part] == \
@@ -289,7 +293,7 @@ def test_resume_keeps_the_guidance(tmp_path):
 
 def test_per_round_guidance_uses_the_sampled_explorers():
     cfg = cfg_of(*FEDLEX, "strategy.guidance=per_round", "strategy.normalization=average_then_normalize")
-    s = build_strategy(cfg)
+    s = build_pipeline(cfg).method
     d = {0: {"w": np.array([0, 1, 4], np.float32)}, 3: {"w": np.array([9, 1, 0], np.float32)}}
     s.displacements, s.guidance = copy.deepcopy(d), {"w": np.array([0.5, 0.5, 0.5], np.float32)}
     np.testing.assert_allclose(s.guidance_for([0, 1])["w"], [0, 0.25, 1])
@@ -300,15 +304,15 @@ def test_per_round_guidance_uses_the_sampled_explorers():
 
 def test_options_are_validated_naming_the_key():
     with pytest.raises(StrategyConfigError, match="strategy.base"):
-        build_strategy(cfg_of("strategy.name=fedlex", "strategy.base=nope"))
+        build_pipeline(cfg_of("strategy.name=fedlex", "strategy.base=nope"))
     with pytest.raises(StrategyConfigError, match="strategy.base"):
-        build_strategy(cfg_of("strategy.name=fedlex", "strategy.base=fedlex"))
+        build_pipeline(cfg_of("strategy.name=fedlex", "strategy.base=fedlex"))
     with pytest.raises(StrategyConfigError, match="strategy.explorer_fraction"):
-        build_strategy(cfg_of("strategy.name=fedlex", "strategy.explorer_fraction=0"))
+        build_pipeline(cfg_of("strategy.name=fedlex", "strategy.explorer_fraction=0"))
     with pytest.raises(StrategyConfigError, match="strategy.server_momentum"):  # fedavg takes no momentum
-        build_strategy(cfg_of("strategy.name=fedlex", "strategy.server_momentum=0.5"))
-    s = build_strategy(cfg_of("strategy.name=fedlex", "strategy.base=fedavgm", "strategy.server_momentum=0.5"))
-    assert type(s).__name__ == "FedLExFedAvgM" and s.server_momentum == 0.5
+        build_pipeline(cfg_of("strategy.name=fedlex", "strategy.server_momentum=0.5"))
+    s = build_pipeline(cfg_of("strategy.name=fedlex", "strategy.base=fedavgm", "strategy.server_momentum=0.5"))
+    assert type(s.method).__name__ == "FedLEx" and s.method.base.server.flower.server_momentum == 0.5
 
 
 @pytest.mark.slow
@@ -329,17 +333,16 @@ def test_ray_simulation_matches_the_in_process_run(tmp_path):
 
 
 def test_a_base_with_its_own_trainer_is_refused():
-    s = build_strategy(cfg_of("strategy.name=fedlex"))
-    content = RecordDict({"config": ConfigRecord({"server-round": 1, "trainer": "curriculum"})})
-    with pytest.raises(ValueError, match="strategy.base='fedavg' asks clients for its own trainer 'curriculum'"):
-        s._guided_contents(content, b"\0" * 4, "v")
+    for base in ("fat", "curriculum"):
+        with pytest.raises(StrategyConfigError, match=f"strategy.base='{base}' asks clients for its own trainer"):
+            build_pipeline(cfg_of("strategy.name=fedlex", f"strategy.base={base}"))
 
 
 def test_unit_mean_rescaling_by_hand():
     g = FL.unit_mean({"w": np.array([0.0, 0.5, 1.0], np.float32), "b": np.zeros(2, np.float32)})
     np.testing.assert_array_equal(g["w"], [0, 1, 2])
     np.testing.assert_array_equal(g["b"], [0, 0])
-    s = build_strategy(cfg_of("strategy.name=fedlex", "strategy.rescale=unit_mean"))
+    s = build_pipeline(cfg_of("strategy.name=fedlex", "strategy.rescale=unit_mean")).method
     s.guidance = {"w": np.array([0.25, 0.75], np.float32)}
     np.testing.assert_array_equal(s.guidance_for([0])["w"], [0.5, 1.5])
 
@@ -351,7 +354,7 @@ def test_exploration_with_a_held_apart_slice():
     assert len(va) == round(0.3 * len(y)) and sorted(np.concatenate([tr, va]).tolist()) == list(range(len(y)))
     assert np.array_equal(TG.holdout_split(len(y), 0.3, 0, 2)[1], va)  # seeded, reproducible
     s = TrainSettings(epochs=1, batch_size=8, lr=1.0)  # large enough that the held-apart loss turns up
-    opts = {FL.EXPLORATION_EPOCHS: 8, FL.EXPLORATION_PATIENCE: 2, FL.EXPLORATION_HOLDOUT: 0.3}
+    opts = {T.EXPLORATION_EPOCHS: 8, T.EXPLORATION_PATIENCE: 2, T.EXPLORATION_HOLDOUT: 0.3}
     model, job = task.new_model(), _job(task, opts, pid=2)
     TG.train_explore(model, X, y, s, torch.Generator().manual_seed(4), job)
     # oracle: plain SGD epochs on the training part only, early stopping on the held-apart loss
@@ -378,7 +381,7 @@ def test_exploration_is_dense_whatever_the_run_codec(tmp_path):
     _, rows, _ = run(tmp_path, "topk", cfg=cfg, grid=grid)
     assert rows[0]["exploration"]["rejected"] == 0 and [r["clients"] for r in rows] == [6, 6]
     # a top-5% payload would leave ≥ 95% of each displacement zero; dense leaves almost none
-    strategy_state = pickle.loads((tmp_path / "topk" / "checkpoint.pkl").read_bytes())["strategy"]
+    strategy_state = RunDirectory(tmp_path / "topk").load_checkpoint()["strategy"]["method"]
     for d in strategy_state["displacements"].values():
         flat = np.concatenate([v.ravel() for v in d.values()])
         assert (flat > 0).mean() > 0.5

@@ -9,19 +9,24 @@ import random
 import numpy as np
 import pytest
 import torch
+from _fakes import flower_identity, reply_to  # noqa: F401
 from _localgrid import LocalGrid, run_capturing_strategy
 from flwr.app import ConfigRecord, Message, RecordDict
 
 import stamen.client.trainers_ferret as CF  # registers DOWNLINKS["ferret"], trainers "steps"/"fedkseed"
 import stamen.strategies.fedkseed as SK
 import stamen.strategies.ferret as SF
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import train as T
+from stamen.sketching.downlink import weights_check
+from stamen.strategies.catchup import payload_key
 from stamen.client.trainers import TrainJob, TrainSettings
 from stamen.config import ConfigError, load
 from stamen.server.results import RunDirectory
 from stamen.sketching.codec import CodecContext, Layout, PayloadError
 from stamen.sketching.ferret import basis, basis_variance, seed_pool
-from stamen.strategies.registry import StrategyConfigError, build_strategy
+from stamen.strategies.preflight import build_pipeline
+from stamen.strategies.registry import StrategyConfigError
 from stamen.tasks.task import get_weights, load_task
 
 BASE = ["federation.clients=6", "federation.fraction_train=0.5", "run.rounds=4", "task.local_epochs=1",
@@ -48,30 +53,35 @@ def strip(rows, *keys):
 # -- protocol -----------------------------------------------------------------------------------
 
 
-def test_both_sides_use_the_same_message_entries():
-    for name in ("SYNC", "GLOBAL_ROUND", "BASE_ROUND", "ROUNDS", "SERVER_LR", "CHECK_SUM", "CHECK_NORM",
-                 "LOCAL_STEPS", "PAYLOAD_KEYS"):
-        assert getattr(SF, name) == getattr(CF, name), name
-    assert (SK.ZO_STEPS, SK.ZO_EPS, SK.ZO_LR) == (CF.ZO_STEPS, CF.ZO_EPS, CF.ZO_LR)
-    assert SF.DOWNLINK_NAME in __import__("stamen.client.app", fromlist=["DOWNLINKS"]).DOWNLINKS
-    assert SF.payload_key(7, "seed") == "7.seed"
+def test_the_wire_format_is_the_schemas():
+    """Both sides take Ferret's entries from stamen/schema/train.py; the strings themselves are the
+    wire format (a version of the schema may not change them silently)."""
+    keys = SF.KEYS
+    assert (keys.sync, keys.global_round, keys.base_round, keys.rounds, keys.check_sum, keys.check_norm) == (
+        "ferret-sync", "ferret-round", "ferret-base-round", "ferret-rounds", "ferret-sum", "ferret-norm")
+    assert (CF.SYNC, CF.GLOBAL_ROUND, CF.CHECK_SUM, CF.GLOBAL_COPY) == ("ferret-sync", "ferret-round", "ferret-sum",
+                                                                       "ferret-global")
+    assert (T.FERRET_SERVER_LR, T.LOCAL_STEPS, T.ZO_STEPS, T.ZO_EPS, T.ZO_LR) == (
+        "ferret-server-lr", "local-steps", "zo-steps", "zo-eps", "zo-lr")
+    assert SF.KEYS.downlink in __import__("stamen.client.app", fromlist=["DOWNLINKS"]).DOWNLINKS
+    assert payload_key(7, "seed") == "7.seed"
 
 
 def test_options_and_config_errors_name_the_key():
     with pytest.raises(StrategyConfigError, match="strategy.K"):
-        build_strategy(load(overrides=["strategy.name=ferret", "strategy.K=0"]))
+        build_pipeline(load(overrides=["strategy.name=ferret", "strategy.K=0"]))
     with pytest.raises(StrategyConfigError, match="strategy.downlink"):
-        build_strategy(load(overrides=["strategy.name=ferret", "strategy.downlink=sparse"]))
+        build_pipeline(load(overrides=["strategy.name=ferret", "strategy.downlink=sparse"]))
     with pytest.raises(StrategyConfigError, match="unknown config key 'strategy.k'"):
-        build_strategy(load(overrides=["strategy.name=ferret", "strategy.k=3"]))
+        build_pipeline(load(overrides=["strategy.name=ferret", "strategy.k=3"]))
     with pytest.raises(ConfigError, match="compression"):
-        build_strategy(load(overrides=["strategy.name=ferret", "compression.codec=topk"]))
+        build_pipeline(load(overrides=["strategy.name=ferret", "compression.codec=topk"]))
     with pytest.raises(ConfigError, match="privacy"):
-        build_strategy(load(overrides=["strategy.name=fedkseed", "privacy.clip=1.0"]))
+        build_pipeline(load(overrides=["strategy.name=fedkseed", "privacy.clip=1.0"]))
     with pytest.raises(StrategyConfigError, match="strategy.eps"):
-        build_strategy(load(overrides=["strategy.name=fedkseed", "strategy.eps=0"]))
-    s = build_strategy(load(overrides=["strategy.name=ferret", "strategy.clip=none", "strategy.value_dtype=fp16"]))
-    assert s.codec_options(None)["clip"] is None and s.codec_options(None)["value_dtype"] == "fp16"
+        build_pipeline(load(overrides=["strategy.name=fedkseed", "strategy.eps=0"]))
+    s = build_pipeline(load(overrides=["strategy.name=ferret", "strategy.clip=none", "strategy.value_dtype=fp16"]))
+    assert s.method.codec_options["clip"] is None and s.method.codec_options["value_dtype"] == "fp16"
 
 
 # -- uplink bytes -------------------------------------------------------------------------------
@@ -84,13 +94,15 @@ def test_uplink_is_nnz_times_entry_size_plus_a_fixed_header(tmp_path, value_dtyp
     # oracle for the header: the same reply with an empty payload (int16 indices: < 2**15 blocks and seeds)
     empty = {"block": np.zeros(0, np.int16), "seed": np.zeros(0, np.int16),
              "value": np.zeros(0, np.float16 if value_dtype == "fp16" else np.float32)}
-    header = P.content_bytes(P.train_reply(empty, {P.NUM_EXAMPLES: 100, "train_loss": 0.5, "local_steps": 10},
-                                           "ferret", 0))
+    identity = {P.SCHEMA: P.SCHEMA_VERSION, P.RUN_ID: "0" * 16, P.NONCE: "0" * 32, P.SERVER_ROUND: 1,
+                P.PARTITION_ID: 0}
+    header = P.content_bytes(T.train_reply(empty, {P.NUM_EXAMPLES: 100, "train_loss": 0.5, "local_steps": 10},
+                                           "ferret", identity))
     for r in rows:
         assert len(r["ferret_uplink_bytes"]) == len(r["ferret_nnz"]) == r["clients"] == 3
         assert sum(r["ferret_uplink_bytes"]) == r["uplink_bytes"]
         for up, nnz in zip(r["ferret_uplink_bytes"], r["ferret_nnz"]):
-            assert 0 < nnz <= len(s.codec.blocks(s.layout)) * 32
+            assert 0 < nnz <= len(s.run.codec.blocks(s.run.layout)) * 32
             # varints of the lengths and of the example count differ by a few bytes
             assert abs(up - (nnz * (2 + 2 + value_bytes) + header)) <= 12
 
@@ -111,8 +123,8 @@ def _reconstruct_by_hand(payload, codec, layout, seed):
 def test_aggregation_in_coefficient_space_equals_weighted_mean_of_client_reconstructions():
     layout = Layout(("w1", "b1", "w2", "b2"), ((40, 30), (40,), (10, 40), (10,)))
     nodes = {0: 11, 1: 12, 2: 13}
-    s = build_strategy(load(overrides=["strategy.name=ferret", "strategy.K=24", "strategy.server_lr=0.7"]))
-    s.bind(seed=5, nodes=nodes, layout=layout, codec=None, fraction_train=1.0, fraction_evaluate=0.0)
+    s = build_pipeline(load(overrides=["strategy.name=ferret", "strategy.K=24", "strategy.server_lr=0.7"]))
+    s.bind(seed=5, nodes=nodes, layout=layout, fraction_train=1.0, fraction_evaluate=0.0, rounds=5, timeout=10.0)
     rng = np.random.default_rng(0)
     w0 = {n: rng.normal(size=sh).astype(np.float32) for n, sh in zip(layout.names, layout.shapes)}
     msgs = list(s.configure_train(1, P.to_array_record(w0), ConfigRecord(), None))
@@ -120,33 +132,32 @@ def test_aggregation_in_coefficient_space_equals_weighted_mean_of_client_reconst
     counts, payloads, replies = [30, 10, 60], [], []
     for pid, n in zip(nodes, counts):
         delta = torch.from_numpy(rng.normal(size=layout.d).astype(np.float32))
-        payload = s.codec.encode(delta, CodecContext(5, 1, layout, node=pid))
+        payload = s.run.codec.encode(delta, CodecContext(5, 1, layout, node=pid))
         payloads.append(payload)
-        reply = Message(content=P.train_reply(payload, {P.NUM_EXAMPLES: n, "train_loss": 1.0}, "ferret", pid),
-                        reply_to=next(m for m in msgs if m.metadata.dst_node_id == nodes[pid]))
+        reply = reply_to(next(m for m in msgs if m.metadata.dst_node_id == nodes[pid]), None, n, codec="ferret",
+                         payload=payload)
         replies.append(reply)
     arrays, metrics = s.aggregate_train(1, replies[::-1])
     got = flat_weights(P.from_array_record(arrays), layout).double().numpy()
-    mean = sum(n / sum(counts) * _reconstruct_by_hand(p, s.codec, layout, 5) for n, p in zip(counts, payloads))
+    mean = sum(n / sum(counts) * _reconstruct_by_hand(p, s.run.codec, layout, 5) for n, p in zip(counts, payloads))
     expected = flat_weights(w0, layout).double().numpy() + 0.7 * mean
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
     assert s.last_participants == [0, 1, 2] and metrics["train_loss"] == pytest.approx(1.0)
-    assert set(s.history) == {1}  # the aggregated coefficients are kept for the downlink
+    assert set(s.method.downlink.history) == {1}  # the aggregated coefficients are kept for the downlink
 
 
 def test_bad_payloads_are_rejected_and_the_round_goes_on():
     layout = Layout(("w",), ((50, 4),))
-    s = build_strategy(load(overrides=["strategy.name=ferret", "strategy.K=8"]))
-    s.bind(seed=0, nodes={0: 1, 1: 2}, layout=layout, codec=None, fraction_train=1.0, fraction_evaluate=0.0)
+    s = build_pipeline(load(overrides=["strategy.name=ferret", "strategy.K=8"]))
+    s.bind(seed=0, nodes={0: 1, 1: 2}, layout=layout, fraction_train=1.0, fraction_evaluate=0.0, rounds=5, timeout=10.0)
     msgs = list(s.configure_train(1, P.to_array_record({"w": np.zeros((50, 4), np.float32)}), ConfigRecord(), None))
-    good = s.codec.encode(torch.ones(200), CodecContext(0, 1, layout, node=0))
+    good = s.run.codec.encode(torch.ones(200), CodecContext(0, 1, layout, node=0))
     bad = dict(good, seed=np.full_like(good["seed"], 99))  # index outside the pool
-    replies = [Message(content=P.train_reply(p, {P.NUM_EXAMPLES: 5}, "ferret", pid), reply_to=m)
-               for pid, p, m in ((0, good, msgs[0]), (1, bad, msgs[1]))]
+    replies = [reply_to(m, None, 5, codec="ferret", payload=p) for p, m in ((good, msgs[0]), (bad, msgs[1]))]
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None and s.last_participants == [0]
-    assert len(s.last_rejected) == 1 and "out of range" in s.last_rejected[0][1]
-    assert s.synced == {1: 0}  # the rejected node's copy is unknown: dense next time
+    assert len(s.last_rejected) == 1 and "out of range" in s.last_rejected[0][2]
+    assert s.method.downlink.synced == {1: 0}  # the rejected node's copy is unknown: dense next time
 
 
 # -- the downlink -------------------------------------------------------------------------------------
@@ -154,7 +165,7 @@ def test_bad_payloads_are_rejected_and_the_round_goes_on():
 
 def _catch_up_everyone(s, grid, final_arrays, next_round):
     """Deliver round ``next_round``'s downlink to every node; return {node: rebuilt flat weights, how}."""
-    s.stamen_fraction_train = 1.0
+    s.run.fraction_train = 1.0
     out = {}
     for msg in s.configure_train(next_round, P.to_array_record(final_arrays), ConfigRecord(), grid):
         ctx = grid.contexts[msg.metadata.dst_node_id]
@@ -162,7 +173,7 @@ def _catch_up_everyone(s, grid, final_arrays, next_round):
         job = TrainJob(options=config, state=ctx.state, task=load_task(grid.cfg.task, grid.cfg.federation.clients, 0),
                        partition_id=int(ctx.node_config["partition-id"]), server_round=next_round, seed=0)
         weights = CF.ferret_downlink(msg.content, job)
-        out[msg.metadata.dst_node_id] = (job.task.layout.flatten(weights), config[SF.SYNC], config.get(SF.ROUNDS))
+        out[msg.metadata.dst_node_id] = (job.task.layout.flatten(weights), config[SF.KEYS.sync], config.get(SF.KEYS.rounds))
     return out
 
 
@@ -202,7 +213,7 @@ def test_catch_up_larger_than_the_dense_weights_falls_back_to_dense(tmp_path):
     # logistic regression: d = 650; 64 directions per block in 2 blocks is about as big as the weights
     _, rd, s, _ = run(tmp_path, "a", "task.model=logreg", "strategy.K=64", "run.rounds=4")
     rows = rd.read_metrics()
-    assert all(r["ferret_history_bytes"] < 4 * s.layout.d for r in rows)
+    assert all(r["ferret_history_bytes"] < 4 * s.run.layout.d for r in rows)
     assert all(r["rejected"] == 0 for r in rows)
     for r in rows:
         assert r["ferret_dense_nodes"] + r["ferret_catchup_nodes"] == 3
@@ -214,31 +225,31 @@ def test_client_refuses_a_catch_up_it_cannot_apply():
     layout = task.layout
     w = task.initial_weights()
     flat = layout.flatten(w)
-    total, norm = SF.weights_check(flat)
+    total, norm = weights_check(flat)
     state = RecordDict()
-    base = {"codec-options": json.dumps({"K": 8}), SF.SERVER_LR: 1.0, SF.GLOBAL_ROUND: 3, SF.CHECK_SUM: total,
-            SF.CHECK_NORM: norm}
+    base = {"codec-options": json.dumps({"K": 8}), T.FERRET_SERVER_LR: 1.0, SF.KEYS.global_round: 3, SF.KEYS.check_sum: total,
+            SF.KEYS.check_norm: norm}
 
     def job(config):
         return TrainJob(options=config, state=state, task=task, partition_id=0, server_round=4, seed=0)
 
     catch_up = RecordDict({P.ARRAYS: P.to_array_record({}), P.CONFIG: ConfigRecord({})})
     with pytest.raises(ValueError, match="holds no copy"):
-        CF.ferret_downlink(catch_up, job({**base, SF.SYNC: "catch-up", SF.BASE_ROUND: 2, SF.ROUNDS: []}))
+        CF.ferret_downlink(catch_up, job({**base, SF.KEYS.sync: "catch-up", SF.KEYS.base_round: 2, SF.KEYS.rounds: []}))
     dense = RecordDict({P.ARRAYS: P.to_array_record(w)})
-    assert torch.equal(layout.flatten(CF.ferret_downlink(dense, job({**base, SF.SYNC: "dense"}))), flat)
+    assert torch.equal(layout.flatten(CF.ferret_downlink(dense, job({**base, SF.KEYS.sync: "dense"}))), flat)
     assert CF.held_copy(state)[0] == 3
     # the server believes the node holds round 5: it does not
     with pytest.raises(ValueError, match="from round 3"):
-        CF.ferret_downlink(catch_up, job({**base, SF.SYNC: "catch-up", SF.BASE_ROUND: 5, SF.GLOBAL_ROUND: 6,
-                                          SF.ROUNDS: []}))
+        CF.ferret_downlink(catch_up, job({**base, SF.KEYS.sync: "catch-up", SF.KEYS.base_round: 5, SF.KEYS.global_round: 6,
+                                          SF.KEYS.rounds: []}))
     CF.store_copy(state, 3, flat)
     with pytest.raises(ValueError, match="differ from the server"):
-        CF.ferret_downlink(catch_up, job({**base, SF.SYNC: "catch-up", SF.BASE_ROUND: 3, SF.ROUNDS: [],
-                                          SF.CHECK_SUM: total + 1.0}))
+        CF.ferret_downlink(catch_up, job({**base, SF.KEYS.sync: "catch-up", SF.KEYS.base_round: 3, SF.KEYS.rounds: [],
+                                          SF.KEYS.check_sum: total + 1.0}))
     assert CF.held_copy(state) is None  # a copy that failed its check is dropped
     with pytest.raises(ValueError, match="unknown ferret-sync"):
-        CF.ferret_downlink(dense, job({**base, SF.SYNC: "sparse"}))
+        CF.ferret_downlink(dense, job({**base, SF.KEYS.sync: "sparse"}))
 
 
 def test_lost_reply_means_dense_weights_next_time(tmp_path):
@@ -256,7 +267,7 @@ def test_lost_reply_means_dense_weights_next_time(tmp_path):
     assert [r["clients"] for r in rows] == [5, 6, 6]
     assert [r["ferret_dense_nodes"] for r in rows] == [6, 1, 0]  # round 2: only the node whose reply was lost
     final = rd.load_checkpoint()["arrays"]
-    layout = s.layout
+    layout = s.run.layout
     for flat, _, _ in _catch_up_everyone(s, grid, final, 4).values():
         assert torch.equal(flat, layout.flatten(final))
 
@@ -268,7 +279,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     _, full, _, _ = run(tmp_path, "full", "run.rounds=5")
     cfg, part, s2, _ = run(tmp_path, "part", "run.rounds=2")
     state = s2.state_dict()
-    assert state["history"] and state["synced"]  # the checkpoint keeps both
+    assert state["method"]["downlink"]["history"]  # the checkpoint keeps the history (nodes restart empty)
     _, _, s, _ = run(tmp_path, "part", cfg=load(part.config_path, ["run.rounds=5"]), resume=True)
     # the resumed run's nodes start empty, so they first get dense weights: only the downlink differs
     down = ("downlink_bytes", "ferret_dense_nodes", "ferret_catchup_nodes", "ferret_catchup_rounds",
@@ -305,7 +316,7 @@ def test_steps_trainer_takes_exactly_T_steps_over_reshuffled_passes():
     s = TrainSettings(epochs=1, batch_size=4, lr=0.1)
     ref = torch.nn.Linear(3, 2)
     ref.load_state_dict(model.state_dict())
-    job = TrainJob(options={SF.LOCAL_STEPS: 5}, state=RecordDict(), task=None, partition_id=0, server_round=1, seed=0)
+    job = TrainJob(options={T.LOCAL_STEPS: 5}, state=RecordDict(), task=None, partition_id=0, server_round=1, seed=0)
     loss, steps = CF.train_steps(model, X, y, s, torch.Generator().manual_seed(7), job)
     assert steps == 5
     # oracle: plain SGD over the batches of three shuffled passes (2 batches each), cut at 5
@@ -377,7 +388,7 @@ def test_fedkseed_global_update_lies_in_the_span_of_the_seeded_directions(tmp_pa
     rows = rd.read_metrics()
     assert all(r["rejected"] == 0 and r["clients"] == 3 for r in rows)
     assert all(max(r["ferret_nnz"]) <= 8 for r in rows)  # at most one scalar per step
-    layout = s.layout
+    layout = s.run.layout
     w0 = layout.flatten(load_task(cfg.task, 6, 0).initial_weights()).double().numpy()
     w2 = layout.flatten(rd.load_checkpoint()["arrays"]).double().numpy()
     V = np.stack([basis(k, 0, layout.d).double().numpy() for k in seed_pool(0, 16)], axis=1)  # all K directions

@@ -23,7 +23,6 @@ from stamen.privacy.noise import (
     central_noise_std,
     gaussian_noise,
     local_noise_std,
-    noise_generator,
 )
 
 FP32_REL = 1e-6  # fp32 rounding of x·(C/‖x‖) can land a few ulps above C
@@ -191,14 +190,21 @@ def test_added_noise_has_the_formula_std(z, clip, m):
     assert abs(float(residual.mean())) < 5 * std / math.sqrt(residual.numel())  # zero mean, 5σ
 
 
-def test_noise_never_touches_the_global_rng_and_is_reproducible():
+def test_noise_never_touches_the_global_rng_and_secret_draws_never_repeat():
+    from stamen.privacy.noise import SecretNoise, SeededNoise
+
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = add_gaussian_noise(torch.zeros(1000), 1.0, noise_generator(seed=5, round=3, node=2))
-    b = add_gaussian_noise(torch.zeros(1000), 1.0, noise_generator(seed=5, round=3, node=2))
-    c = add_gaussian_noise(torch.zeros(1000), 1.0, noise_generator(seed=5, round=3, node=None))
+    secret = SecretNoise()
+    a, b = secret.gaussian(1000, 1.0, 3, "dp-local", 2), secret.gaussian(1000, 1.0, 3, "dp-local", 2)
+    assert not torch.equal(a, b)  # the same purpose twice: two independent draws
+    assert SecretNoise().uniform(50, 1).tolist() != SecretNoise().uniform(50, 1).tolist()
+    seeded = SeededNoise(5)  # debugging only: reproducible from the run seed
+    c, d = seeded.gaussian(1000, 1.0, 3, "dp-local", 2), seeded.gaussian(1000, 1.0, 3, "dp-local", 2)
+    e = seeded.gaussian(1000, 1.0, 3, "dp-local", None)
+    assert torch.equal(c, d) and not torch.equal(c, e)
     assert torch.equal(torch.get_rng_state(), before)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert secret.reproducible is False and seeded.reproducible is True
 
 
 def test_add_gaussian_noise_leaves_input_untouched_and_validates():

@@ -2,7 +2,6 @@
 its JSON has every field, and the bare loop and Stamen learn the same model on the same workload."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,14 +24,13 @@ def stamen_task(n=10, seed=0):
 
 def test_workload_rules_are_stamens():
     from stamen.client.trainers import TrainSettings, epoch_batches, train_sgd
-    from stamen.sketching.codec import derive_seed
-    from stamen.strategies.base import StamenStrategy
+    from stamen.core import derive_seed
+    from stamen.strategies.sampling import seeded_sample
 
     for parts in [(0, 3, "sample", "train"), (7, 1, "batches", 42), ("x", 1.5)]:
         assert W.derive_seed(*parts) == derive_seed(*parts)
     for n, rnd in [(10, 1), (100, 2), (1000, 20)]:
-        fake = SimpleNamespace(seed=0, nodes={pid: 1000 + pid for pid in range(n)})
-        assert W.cohort(0, rnd, n, 0.1) == StamenStrategy.sample_partitions(fake, rnd, 0.1)
+        assert W.cohort(0, rnd, n, 0.1) == seeded_sample(0, rnd, list(range(n)), 0.1)
     gen = torch.Generator().manual_seed(derive_seed(0, 4, "batches", 7))
     assert torch.equal(W.batch_order(0, 4, 7, 95), torch.cat(epoch_batches(95, 10, gen)))
 

@@ -5,7 +5,10 @@ import pytest
 import torch
 from _fakes import LAYOUT, bound_strategy, configure, flower_identity, global_weights, reply_to  # noqa: F401
 
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import train as T
+from stamen.sketching.downlink import weights_check
+from stamen.strategies.catchup import payload_key
 from stamen.sketching.codec import CodecContext, make_codec
 
 
@@ -39,7 +42,7 @@ def test_sketched_fedavg_equals_desketched_weighted_mean(codec_name, decode):
 
 
 def test_sketched_fedavg_refuses_non_mergeable_codecs():
-    with pytest.raises(ValueError, match="mergeable sketch codec"):
+    with pytest.raises(ValueError, match="mergeable sketch"):
         bound_strategy("sketched_fedavg", "compression.codec=topk")
 
 
@@ -93,7 +96,8 @@ import stamen.strategies.sketched as SS  # noqa: E402
 from stamen.client.app import DOWNLINKS  # noqa: E402
 from stamen.client.trainers import TrainJob  # noqa: E402
 from stamen.config import load  # noqa: E402
-from stamen.strategies.registry import StrategyConfigError, build_strategy  # noqa: E402
+from stamen.strategies.preflight import build_pipeline  # noqa: E402
+from stamen.strategies.registry import StrategyConfigError  # noqa: E402
 from stamen.tasks.task import load_task  # noqa: E402
 
 FL_BASE = ["federation.clients=6", "federation.fraction_train=0.5", "run.rounds=6", "task.local_epochs=1",
@@ -120,8 +124,8 @@ def without(rows, *keys):
 
 def rebuild_everywhere(s, grid, final_arrays, next_round):
     """Deliver round ``next_round``'s downlink to every node; {node: (rebuilt flat weights, sync mode, rounds)}."""
-    s.stamen_fraction_train = 1.0
-    keys, out = s.catchup, {}
+    s.run.fraction_train = 1.0
+    keys, out = s.method.downlink.catchup, {}
     task = load_task(grid.cfg.task, grid.cfg.federation.clients, grid.cfg.run.seed)
     for msg in s.configure_train(next_round, P.to_array_record(final_arrays), ConfigRecord(), grid):
         ctx = grid.contexts[msg.metadata.dst_node_id]
@@ -136,11 +140,13 @@ def rebuild_everywhere(s, grid, final_arrays, next_round):
 def test_both_sides_use_the_same_downlink_entries():
     for server, client in ((SF.KEYS, CF.FERRET), (SS.SKETCHED_KEYS, CS.SKETCHED), (SS.FETCHSGD_KEYS, CS.FETCHSGD)):
         for name in ("sync", "global_round", "base_round", "rounds", "check_sum", "check_norm"):
-            assert getattr(server, name) == getattr(client, name), (server.prefix, name)
+            assert getattr(server, name) == getattr(client, name) == f"{server.prefix}-" + {
+                "sync": "sync", "global_round": "round", "base_round": "base-round", "rounds": "rounds",
+                "check_sum": "sum", "check_norm": "norm"}[name], (server.prefix, name)
         assert server.downlink == client.prefix and server.downlink in DOWNLINKS
-    assert SS.SKETCHED_SERVER_LR == CS.SKETCHED_SERVER_LR
+    assert T.SKETCHED_SERVER_LR == CS.SKETCHED_SERVER_LR == "sketched-server-lr"
     # Ferret's wire format is unchanged by the refactoring
-    assert (SF.SYNC, SF.GLOBAL_ROUND, SF.CHECK_SUM, CF.GLOBAL_COPY) == ("ferret-sync", "ferret-round", "ferret-sum",
+    assert (SF.KEYS.sync, SF.KEYS.global_round, SF.KEYS.check_sum, CF.GLOBAL_COPY) == ("ferret-sync", "ferret-round", "ferret-sum",
                                                                        "ferret-global")
 
 
@@ -148,9 +154,10 @@ def test_both_sides_use_the_same_downlink_entries():
 def test_downlink_option_is_validated(name):
     extra = ["compression.codec=srht"] if name == "sketched_fedavg" else []
     with pytest.raises(StrategyConfigError, match="strategy.downlink"):
-        build_strategy(load(overrides=[f"strategy.name={name}", "strategy.downlink=sparse", *extra]))
-    assert build_strategy(load(overrides=[f"strategy.name={name}", *extra])).downlink == "compressed"
-    assert build_strategy(load(overrides=[f"strategy.name={name}", "strategy.downlink=dense", *extra])).downlink == "dense"
+        build_pipeline(load(overrides=[f"strategy.name={name}", "strategy.downlink=sparse", *extra]))
+    assert build_pipeline(load(overrides=[f"strategy.name={name}", *extra])).method.downlink.enabled
+    assert not build_pipeline(load(overrides=[f"strategy.name={name}", "strategy.downlink=dense", *extra])
+                              ).method.downlink.enabled
 
 
 @pytest.mark.parametrize("opts", [SKETCHED_SRHT, SKETCHED_CS, FETCH], ids=["sketched-srht", "sketched-countsketch",
@@ -160,7 +167,7 @@ def test_compressed_downlink_gives_the_dense_run(tmp_path, one_torch_thread, opt
     _, a, s, grid = fl_run(tmp_path, "compressed", *opts)
     _, b, _, _ = fl_run(tmp_path, "dense", *opts, "strategy.downlink=dense")
     ra, rb = a.read_metrics(), b.read_metrics()
-    p = s.catchup.prefix
+    p = s.method.downlink.catchup.prefix
     assert all(r["rejected"] == 0 and r["clients"] == 3 for r in ra)  # every rebuilt copy passed its check
     assert ra[0][f"{p}_dense_nodes"] == 3  # first participation: dense
     assert max(max(r[f"{p}_catchup_rounds"], default=0) for r in ra) >= 2  # someone missed several rounds
@@ -174,7 +181,7 @@ def test_compressed_downlink_gives_the_dense_run(tmp_path, one_torch_thread, opt
         np.testing.assert_allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7)
     assert sum(r["downlink_bytes"] for r in ra) < sum(r["downlink_bytes"] for r in rb)
     # every node, whatever it missed, rebuilds the server's final model (the same arithmetic: bit for bit here)
-    layout = s.layout
+    layout = s.run.layout
     rebuilt = rebuild_everywhere(s, grid, wa, len(ra) + 1)
     assert {how for _, how, _ in rebuilt.values()} == {"dense", "catch-up"}
     for flat, how, rounds in rebuilt.values():
@@ -199,7 +206,7 @@ def test_downlink_bytes_shrink_by_the_payload_ratio(tmp_path, one_torch_thread, 
     header = dense_msg - 4 * d  # the records and config entries around the d fp32 weights
     assert 0 < header < 1024
     assert all(r["downlink_bytes"] == b.read_metrics()[0]["downlink_bytes"] for r in b.read_metrics())
-    rows, p = a.read_metrics(), s.catchup.prefix
+    rows, p = a.read_metrics(), s.method.downlink.catchup.prefix
     assert rows[0][f"{p}_dense_nodes"] == n and abs(rows[0]["downlink_bytes"] / n - dense_msg) < 256
     expected = payload_bytes(d)
     for r in rows[1:]:
@@ -238,7 +245,7 @@ def test_lost_state_and_a_bad_copy_fail_cleanly_then_get_dense_weights(tmp_path,
     grid = StateLosingGrid(cfg, client, at=3, wipe=1000, corrupt=1007)
     with caplog.at_level(logging.WARNING, logger="stamen.strategy"):
         _, rd, s, grid = fl_run(tmp_path, "a", cfg=cfg, grid=grid)
-    rows, p = rd.read_metrics(), s.catchup.prefix
+    rows, p = rd.read_metrics(), s.method.downlink.catchup.prefix
     assert [r["rejected"] for r in rows] == [0, 0, 2, 0]
     assert [r[f"{p}_dense_nodes"] for r in rows] == [6, 0, 0, 2]  # round 4: the two nodes whose copies were lost
     text = caplog.text
@@ -247,7 +254,7 @@ def test_lost_state_and_a_bad_copy_fail_cleanly_then_get_dense_weights(tmp_path,
     assert client.held_copy(grid.contexts[1007].state)[0] == 3  # re-synced from the dense weights in round 4
     final = rd.load_checkpoint()["arrays"]
     for flat, _, _ in rebuild_everywhere(s, grid, final, 5).values():
-        assert torch.equal(flat, s.layout.flatten(final))
+        assert torch.equal(flat, s.run.layout.flatten(final))
 
 
 def test_client_refuses_a_sketch_catch_up_it_cannot_apply():
@@ -255,9 +262,9 @@ def test_client_refuses_a_sketch_catch_up_it_cannot_apply():
     task = load_task(cfg.task, 6, 0)
     w = task.initial_weights()
     flat = task.layout.flatten(w)
-    total, norm = SF.weights_check(flat)
+    total, norm = weights_check(flat)
     keys, state = SS.SKETCHED_KEYS, RecordDict()
-    base = {P.CODEC: "srht", "codec-options": '{"ratio": 0.2}', SS.SKETCHED_SERVER_LR: 1.0, "downlink": "sketched",
+    base = {T.CODEC: "srht", "codec-options": '{"ratio": 0.2}', T.SKETCHED_SERVER_LR: 1.0, "downlink": "sketched",
             keys.global_round: 3, keys.check_sum: total, keys.check_norm: norm}
 
     def job(config):
@@ -285,12 +292,12 @@ def test_resume_equals_uninterrupted(tmp_path, one_torch_thread, opts):
     _, full, _, _ = fl_run(tmp_path, "full", *opts, "run.rounds=5")
     _, part, s2, _ = fl_run(tmp_path, "part", *opts, "run.rounds=2")
     state = part.load_checkpoint()["strategy"]
-    assert state["history"] and state["synced"]  # the checkpoint keeps both
+    assert state["method"]["downlink"]["history"]  # the checkpoint keeps the history (nodes restart empty)
     _, _, s, _ = fl_run(tmp_path, "part", cfg=load(part.config_path, ["run.rounds=5"]), resume=True)
     # the resumed run's nodes start empty, so they first get dense weights: only the downlink differs
     assert without(part.read_metrics(), *DOWN_KEYS) == without(full.read_metrics(), *DOWN_KEYS)
     for k, v in full.load_checkpoint()["arrays"].items():
         assert np.array_equal(v, part.load_checkpoint()["arrays"][k])
-    p = s.catchup.prefix
+    p = s.method.downlink.catchup.prefix
     assert part.read_metrics()[2][f"{p}_dense_nodes"] == 3
     assert sum(r[f"{p}_catchup_nodes"] for r in part.read_metrics()[3:]) > 0

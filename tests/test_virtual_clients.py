@@ -10,7 +10,8 @@ from _localgrid import LocalGrid
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from stamen import config as C
-from stamen import protocol as P
+from stamen import schema as P
+from stamen.schema import pack as PK
 from stamen.client.virtual import handle_pack
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
@@ -41,7 +42,7 @@ class CarrierGrid:
                 continue
             reply = handle_pack(self.cfg, msg, self.contexts[node])
             if self.corrupt:
-                reply = Message(content=RecordDict({P.PACK: ConfigRecord({"index": "[not json"})}), reply_to=msg)
+                reply = Message(content=RecordDict({PK.PACK: ConfigRecord({"index": "[not json"})}), reply_to=msg)
             out.append(reply)
         return out
 
@@ -98,7 +99,8 @@ def test_more_supernodes_than_carriers_is_an_error():
 
 
 def query_all(grid):
-    return grid.send_and_receive([Message(content=RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n,
+    return grid.send_and_receive([Message(content=RecordDict({P.CONFIG: ConfigRecord({P.SCHEMA: P.SCHEMA_VERSION})}),
+                                          dst_node_id=n,
                                           message_type="query") for n in grid.get_node_ids()])
 
 
@@ -132,10 +134,10 @@ def test_pack_round_trip_keeps_shared_records_once():
     shared = P.to_array_record({"w": np.ones((3, 2), dtype=np.float32)})
     msgs = [Message(content=RecordDict({P.ARRAYS: shared, P.CONFIG: ConfigRecord({"i": i})}),
                     dst_node_id=VIRTUAL_NODE_BASE + i, message_type="train") for i in range(3)]
-    content = P.pack_messages(msgs, [0, 1, 2], 1.5)
+    content = PK.pack_messages(msgs, [0, 1, 2], 1.5)
     assert len(content.array_records) == 1 and len(content.config_records) == 4  # 3 configs + the index
-    entries, deadline = P.unpack_messages(content)
+    entries, deadline = PK.unpack_messages(content)
     assert deadline == 1.5 and [e["partition"] for e in entries] == [0, 1, 2]
     assert [e["content"].config_records[P.CONFIG]["i"] for e in entries] == [0, 1, 2]
     with pytest.raises(ValueError, match="malformed pack"):
-        P.unpack_messages(RecordDict({P.PACK: ConfigRecord({"index": "{}"})}))
+        PK.unpack_messages(RecordDict({PK.PACK: ConfigRecord({"index": "{}"})}))

@@ -1,12 +1,20 @@
-"""The message schema both apps share: record keys, reply packing, byte counting.
+"""The message schema both apps share (version :data:`SCHEMA_VERSION`).
 
-Server → client (train): ``arrays`` (ArrayRecord: the global weights, or a strategy's
-compressed downlink) and ``config`` (ConfigRecord: ``server-round`` plus what the
-strategy asks of the client, e.g. ``proximal-mu``).
+Every Stamen message is a Flower ``RecordDict`` of named records. This package holds the
+names, one module per message type, imported by the ServerApp and the ClientApp alike:
 
-Client → server (train): ``update`` (ArrayRecord: the codec's payload for the update
-Δ = w_local − w_global), ``metrics`` (MetricRecord: ``num-examples``, ``train_loss``) and
-``meta`` (ConfigRecord: ``codec`` and ``partition-id``).
+- :mod:`stamen.schema.train` — train instructions (``config`` entries) and train replies;
+- :mod:`stamen.schema.evaluate` — federated evaluation;
+- :mod:`stamen.schema.query` — node discovery and plugin queries (curriculum scores);
+- :mod:`stamen.schema.pack` — many clients' messages in one Flower message (simulation).
+
+The envelope (this module): an instruction carries ``arrays`` (ArrayRecord: the global
+weights or a strategy's compressed downlink) and ``config`` (ConfigRecord); a reply carries
+``update`` (ArrayRecord: the codec payload), ``metrics`` (MetricRecord) and ``meta``
+(ConfigRecord). Every instruction names the schema version, the run, the round, the
+partition it is for and a fresh nonce; every reply echoes them in ``meta``, and the server
+accepts a reply only if they match what it issued (``strategies/accept.py``).
+Docs: ``ARCHITECTURE.md`` ("Message schema").
 
 Bytes are the protobuf-serialized size of the RecordDict a message carries, counted the
 same way in simulation and deployment.
@@ -14,20 +22,32 @@ same way in simulation and deployment.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
+#: bumped whenever a key's meaning or type changes; both apps refuse another version
+SCHEMA_VERSION = 1
+
+# records
 ARRAYS = "arrays"
 CONFIG = "config"
 UPDATE = "update"
 METRICS = "metrics"
 META = "meta"
-NUM_EXAMPLES = "num-examples"
+
+# entries every Stamen instruction carries (config) and every reply echoes (meta)
+SCHEMA = "stamen-schema"
+RUN_ID = "stamen-run"
+NONCE = "stamen-nonce"
+SERVER_ROUND = "server-round"
 PARTITION_ID = "partition-id"
-CODEC = "codec"
-QUERY_PARTITION = "query"  # message type the server uses to learn each node's partition-id
+
+# reply metrics every reply carries
+NUM_EXAMPLES = "num-examples"
+
+
+class SchemaError(ValueError):
+    """A message that is not in Stamen's schema (wrong version, missing or mistyped entries)."""
 
 
 def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -36,12 +56,6 @@ def to_array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
-
-
-def train_reply(payload: dict[str, np.ndarray], metrics: dict[str, float], codec: str, partition_id: int,
-                extra_meta: dict | None = None) -> RecordDict:
-    meta = {CODEC: codec, PARTITION_ID: int(partition_id), **(extra_meta or {})}
-    return RecordDict({UPDATE: to_array_record(payload), METRICS: MetricRecord(metrics), META: ConfigRecord(meta)})
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -57,78 +71,6 @@ def message_bytes(message: Message) -> int:
     return content_bytes(message.content)
 
 
-# -- packs: many clients' messages in one Flower message (simulation, ``federation.virtual_clients``) --
-#
-# A pack carries the messages for several virtual nodes hosted by one simulated SuperNode (a
-# carrier, client/virtual.py). Its content holds every distinct record of those messages once
-# (a broadcast's global weights travel once per carrier, not once per client) under keys
-# ``r<i>``, and an index (ConfigRecord ``pack``, JSON) saying for each message its virtual
-# node, partition, message type and which record each of its keys is. A reply pack holds, in
-# the same order, each client's reply records, or its error, or that it missed the deadline.
-
-PACK = "pack"
-PACK_ACTION = "stamen_pack"  # message type of a pack: "<train|evaluate|query>.stamen_pack"
-
-
-def pack_messages(messages: list[Message], partitions: list[int], deadline_s: float | None) -> RecordDict:
-    records: dict[str, object] = {}
-    keys: dict[int, str] = {}
-    entries = []
-    for msg, pid in zip(messages, partitions, strict=True):
-        names = {}
-        for name, record in msg.content.items():
-            key = keys.get(id(record))
-            if key is None:
-                key = keys[id(record)] = f"r{len(keys)}"
-                records[key] = record
-            names[name] = key
-        entries.append({"node": int(msg.metadata.dst_node_id), "partition": int(pid),
-                        "type": msg.metadata.message_type, "records": names})
-    index = json.dumps({"entries": entries, "deadline_s": deadline_s})
-    return RecordDict({**records, PACK: ConfigRecord({"index": index})})
-
-
-def unpack_messages(content: RecordDict) -> tuple[list[dict], float | None]:
-    """The entries of a pack (``node``, ``partition``, ``type``, ``content``) and its per-client deadline."""
-    try:
-        index = json.loads(str(content.config_records[PACK]["index"]))
-        entries = index["entries"]
-        for e in entries:
-            e["content"] = RecordDict({name: content[key] for name, key in e.pop("records").items()})
-        return entries, index["deadline_s"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"malformed pack message: {type(err).__name__}: {err}") from None
-
-
-def pack_replies(replies: list[Message | None]) -> RecordDict:
-    """One reply pack for a carrier's replies (None: the client missed the deadline)."""
-    records: dict[str, object] = {}
-    index = []
-    for reply in replies:
-        if reply is None:
-            index.append({"late": True})
-        elif reply.has_error():
-            index.append({"error": [int(reply.error.code), str(reply.error.reason)]})
-        else:
-            names = {}
-            for name, record in reply.content.items():
-                names[name] = key = f"r{len(records)}"
-                records[key] = record
-            index.append({"records": names})
-    return RecordDict({**records, PACK: ConfigRecord({"index": json.dumps(index)})})
-
-
-def unpack_replies(content: RecordDict) -> list[RecordDict | tuple[int, str] | None]:
-    """Per client, in pack order: its reply content, or ``(error code, reason)``, or None (late)."""
-    try:
-        out: list[RecordDict | tuple[int, str] | None] = []
-        for e in json.loads(str(content.config_records[PACK]["index"])):
-            if e.get("late"):
-                out.append(None)
-            elif "error" in e:
-                out.append((int(e["error"][0]), str(e["error"][1])))
-            else:
-                out.append(RecordDict({name: content[key] for name, key in e["records"].items()}))
-        return out
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise ValueError(f"malformed reply pack: {type(err).__name__}: {err}") from None
+def binding(meta_or_config) -> dict:
+    """The identity entries of an instruction (run, round, partition, nonce, schema version)."""
+    return {k: meta_or_config.get(k) for k in (SCHEMA, RUN_ID, SERVER_ROUND, PARTITION_ID, NONCE)}
