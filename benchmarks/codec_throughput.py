@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import torch
 
-from stamen.sketching.codec import CODECS, CodecContext, Layout, make_codec
+from stamen.core import Layout
+from stamen.sketching.codec import CODECS, CodecContext, make_codec
 from stamen.sketching.codecs_sketch import SketchCodec, clear_operator_cache
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"

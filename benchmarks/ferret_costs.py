@@ -50,7 +50,8 @@ from stamen.client.app import DOWNLINKS
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer
 from stamen.config import load
 from stamen.server.inprocess_grid import _ensure_task_identity
-from stamen.sketching.codec import CodecContext, derive_seed, make_codec
+from stamen.core import derive_seed
+from stamen.sketching.codec import CodecContext, make_codec
 from stamen.strategies.preflight import build_pipeline
 from stamen.tasks.task import get_weights, load_task, set_weights
 

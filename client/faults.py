@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 
 
 class InjectedFailure(RuntimeError):

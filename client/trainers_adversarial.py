@@ -1,4 +1,5 @@
-"""Trainer ``adversarial``: federated adversarial training on the client (``/work/shared/specs/adversarial.md``).
+"""Trainer ``adversarial``: federated adversarial training on the client (Li, Song, Yang,
+"Federated Adversarial Learning: A Framework with Convergence Analysis", ICML 2023).
 
 Each local step makes adversarial examples for its batch with the *current* local model
 (PGD inside an ε-ball, ℓ∞ or ℓ2, random start; the inner maximization) and takes one

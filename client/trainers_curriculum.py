@@ -1,4 +1,5 @@
-"""Trainer ``curriculum`` and the ``curriculum-score`` query (``/work/shared/specs/curriculum.md``).
+"""Trainer ``curriculum`` and the ``curriculum-score`` query (Vahidian et al.,
+"When Do Curricula Work in Federated Learning?", ICCV 2023).
 
 The trainer scores the client's examples, orders them, and trains on the paced prefix:
 

@@ -1,4 +1,5 @@
-"""FedLEx's client side: the ``explore`` and ``guided`` trainers (``/work/shared/specs/fedlex.md``).
+"""FedLEx's client side: the ``explore`` and ``guided`` trainers (Internò et al.,
+"Federated Loss Exploration for Improved Convergence on Non-IID Data", IJCNN 2024).
 
 ``explore`` (exploration, once, before round 1). The model holds the initial weights W0,
 loaded from the message into this worker's model (never the message's arrays themselves),

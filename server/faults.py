@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 
 
 class FaultyTransport:

@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from stamen.sketching.codec import Codec, CodecContext, PayloadError, derive_seed, register_codec
+from stamen.core import derive_seed
+from stamen.sketching.codec import Codec, CodecContext, PayloadError, register_codec
 from stamen.sketching.operators import CountSketch, SketchOperator, make_operator
 
 _CACHE_LOCK = threading.Lock()

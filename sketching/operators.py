@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 from stamen.sketching.fwht import fwht_, next_power_of_two
 
 DEFAULT_MAX_BLOCK_BYTES = 64 << 20  # the most a dense operator materialises at once

@@ -159,12 +159,19 @@ def convert_checkpoint(
 
 
 @app.command("list")
-def list_() -> None:
+def list_(
+    capabilities: bool = typer.Option(False, "--capabilities", help="Print each strategy's declared capabilities "
+                                      "(what it aggregates, codecs, privacy sites, …) as a markdown table."),
+) -> None:
     """List the registered strategies, aggregators, datasets, partitions, models and codecs."""
     from stamen.sketching.codec import CODECS, make_codec
-    from stamen.strategies.registry import STRATEGIES, load_strategy_plugins
+    from stamen.strategies.registry import STRATEGIES, capability_table, load_strategy_plugins
     from stamen.tasks.data import DATASETS, PARTITIONS
     from stamen.tasks.models import MODELS
+
+    if capabilities:
+        typer.echo(capability_table(), nl=False)
+        return
 
     load_strategy_plugins()
     make_codec("dense")  # loads the codec modules

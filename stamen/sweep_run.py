@@ -83,6 +83,7 @@ class Plan:
 
 def plan_point(point: Point, run_dir: Path) -> Plan:
     """What a rerun does with a point's directory (see the module docstring)."""
+    from stamen.server.checkpoint import LegacyCheckpointError
     from stamen.server.loop import resume_fingerprint
     from stamen.server.results import CheckpointError
 
@@ -98,6 +99,8 @@ def plan_point(point: Point, run_dir: Path) -> Plan:
         ck = run.load_checkpoint()
         resumable = ck.get("fingerprint") == resume_fingerprint(point.cfg) and int(ck["round"]) <= point.cfg.run.rounds
         done = int(ck["round"])
+    except LegacyCheckpointError as err:  # never rerun over (and clear) a run the user may want to convert
+        raise StudyError(f"point ({point.label}): {err}") from None
     except (CheckpointError, KeyError, TypeError, ValueError) as err:
         resumable, done, why = False, 0, str(err)
     else:

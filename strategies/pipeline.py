@@ -161,7 +161,8 @@ class RoundPipeline(Strategy):
         if replies and verdict.foreign == len(replies):
             raise ForeignClientError(
                 f"round {rnd}: 0 of {len(replies)} replies were Stamen replies — is the ClientApp a Stamen app? "
-                f"(a plain Flower ClientApp needs Stamen's adapter: ARCHITECTURE.md, 'Message schema')")
+                f"(a plain Flower ClientApp sends weights, not Stamen's encoded updates: ARCHITECTURE.md, "
+                f"'Message schema')")
         self.last_participants = [r.pid for r in verdict.accepted]
         self.last_rejected = list(verdict.rejected)
         self.last_reasons = verdict.reasons

@@ -138,3 +138,18 @@ def build_method(cfg) -> tuple[StrategySpec, Method]:
     """The method a run config asks for (``strategy.name`` with its options), not yet bound."""
     spec = strategy_spec(cfg.strategy.name)
     return spec, spec.factory(parse_options(spec, cfg.strategy.options()), cfg)
+
+
+def capability_table() -> str:
+    """The declared capabilities of every registered strategy as a markdown table
+    (ARCHITECTURE.md embeds it; ``stamen list --capabilities`` prints it)."""
+    load_strategy_plugins()
+    rows = ["| strategy | aggregates | codecs | privacy sites | robust rules | selection | extra releases | "
+            "client trainer |", "|---|---|---|---|---|---|---|---|"]
+    for name, spec in sorted(STRATEGIES.items()):
+        c = spec.capabilities
+        codecs = "any" if c.codecs is None else (", ".join(c.codecs) if c.codecs else "its own")
+        rows.append(f"| `{name}` | {c.aggregation} | {codecs} | {', '.join(sorted(c.privacy_sites)) or '—'} | "
+                    f"{'yes' if c.robust else 'no'} | {c.selection.replace('_', '-')} | "
+                    f"{', '.join(c.extra_releases) or '—'} | {c.trainer} |")
+    return "\n".join(rows) + "\n"

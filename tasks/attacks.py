@@ -1,8 +1,9 @@
 """Adversarial examples for any classifier: FGSM, PGD (ℓ∞ and ℓ2), robust accuracy, adversarial loss.
 
-One implementation serves both sides of federated adversarial training
-(``/work/shared/specs/adversarial.md``): clients call :func:`adversarial_loss` in their
-local steps, the server calls :func:`robust_accuracy` with a stronger attack for central
+One implementation serves both sides of federated adversarial training (Madry, Makelov,
+Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial Attacks",
+ICLR 2018; Li, Song, Yang, "Federated Adversarial Learning", ICML 2023): clients call
+:func:`adversarial_loss` in their local steps, the server calls :func:`robust_accuracy` with a stronger attack for central
 evaluation. Keeping the attack here, in ``tasks/``, means both sides attack the same way.
 
 A *model* is any ``nn.Module`` mapping a batch ``x`` to logits. Every attack takes the

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 
 # -- tokenizer ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stamen.sketching.codec import derive_seed
+from stamen.core import derive_seed
 from stamen.tasks.lm_corpus import LMCorpus
 from stamen.tasks.lm_model import GPT, GPTConfig, train_lm
 

@@ -67,8 +67,18 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``task.model = name`` build ``factory(input_shape, num_classes, hidden)`` (a plugin's model;
+    plugin modules are listed under the ``stamen.tasks`` entry points, stamen/plugins.py)."""
+    MODELS[name] = factory
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, hidden: int, seed: int) -> nn.Module:
     """A model with deterministic initial weights drawn from a private generator."""
+    if name not in MODELS:
+        from stamen.plugins import load_plugins
+
+        load_plugins("stamen.tasks")
     if name not in MODELS:
         raise ValueError(f"unknown task.model {name!r}; choose one of {sorted(MODELS)}")
     with torch.random.fork_rng(devices=[]):  # the constructors' default init draws from the global RNG

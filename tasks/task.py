@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stamen.sketching.codec import Layout, derive_seed
+from stamen.core import Layout, derive_seed
 from stamen.tasks.data import FederatedData, load_federated_data
 from stamen.tasks.models import build_model
 

@@ -257,7 +257,7 @@ def test_layout_mismatches_are_all_named(tmp_path):
     assert str(p) in msg and "missing tensors ['c']" in msg and "unexpected tensors ['extra']" in msg
     assert "'a' has shape (2, 3), the model expects (3, 2)" in msg and "'b' has dtype float64" in msg
     write_checkpoint(p, {"arrays": {"a": np.zeros((2, 3), np.float32)}})
-    from stamen.sketching.codec import Layout
+    from stamen.core import Layout
 
     assert read_checkpoint(p, layout=Layout(("a",), ((2, 3),)))["arrays"]["a"].shape == (2, 3)
 

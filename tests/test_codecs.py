@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from stamen.sketching.codec import CODECS, Codec, CodecContext, Layout, PayloadError, make_codec
+from stamen.core import Layout
+from stamen.sketching.codec import CODECS, Codec, CodecContext, PayloadError, make_codec
 from stamen.sketching.codecs_sketch import SketchCodec, cached_operator
 
 make_codec("dense")  # loads every codecs_*.py module, filling CODECS

@@ -13,7 +13,8 @@ from stamen.client.trainers_adversarial import attack_from_options
 from stamen.config import load
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
-from stamen.sketching.codec import Layout, derive_seed, make_codec
+from stamen.core import Layout, derive_seed
+from stamen.sketching.codec import make_codec
 from stamen.strategies.preflight import build_pipeline
 from stamen.strategies.registry import StrategyConfigError
 from stamen.tasks.attacks import AttackConfig, robust_accuracy

@@ -17,7 +17,8 @@ from stamen.client.trainers import TrainJob, TrainSettings, train_sgd
 from stamen.config import load
 from stamen.server.loop import run_federation
 from stamen.server.results import RunDirectory
-from stamen.sketching.codec import derive_seed, make_codec
+from stamen.core import derive_seed
+from stamen.sketching.codec import make_codec
 from stamen.strategies import fedlex as FL
 from stamen.strategies.preflight import build_pipeline
 from stamen.strategies.registry import StrategyConfigError

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from stamen.sketching.codec import Codec, CodecContext, Layout, PayloadError, make_codec
+from stamen.core import Layout
+from stamen.sketching.codec import Codec, CodecContext, PayloadError, make_codec
 from stamen.sketching.ferret import (
     FerretCodec,
     aggregate_coefficients,

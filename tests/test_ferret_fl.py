@@ -23,7 +23,8 @@ from stamen.strategies.catchup import payload_key
 from stamen.client.trainers import TrainJob, TrainSettings
 from stamen.config import ConfigError, load
 from stamen.server.results import RunDirectory
-from stamen.sketching.codec import CodecContext, Layout, PayloadError
+from stamen.core import Layout
+from stamen.sketching.codec import CodecContext, PayloadError
 from stamen.sketching.ferret import basis, basis_variance, seed_pool
 from stamen.strategies.preflight import build_pipeline
 from stamen.strategies.registry import StrategyConfigError

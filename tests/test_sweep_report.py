@@ -459,3 +459,16 @@ def test_simulation_engine_matches_inprocess(tmp_path):
     a = RunDirectory(tmp_path / "sim" / "runs" / pid).read_metrics()
     b = RunDirectory(tmp_path / "inp" / "runs" / pid).read_metrics()
     assert strip_wall(a) == strip_wall(b)
+
+
+def test_a_point_holding_only_a_legacy_pickle_is_refused_not_rerun(tmp_path):
+    """Rerunning a study must not clear a run the user may still convert (stamen convert-checkpoint)."""
+    study = S.load_study(write(tmp_path, TINY), check_plugins=False)
+    point = study.runs[0]
+    run_dir = tmp_path / "out" / "runs" / point.id
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pkl").write_bytes(b"\x80\x04N.")  # a pickle of None, as an older Stamen wrote
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(S.StudyError, match="convert-checkpoint"):
+        S.plan_point(point, run_dir)
+    assert (run_dir / "checkpoint.pkl").exists() and (run_dir / "metrics.jsonl").exists()

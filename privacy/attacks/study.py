@@ -26,7 +26,8 @@ from stamen.privacy.attacks.gradient_inversion import (ATTACKS, Projection, labe
                                                        psnr, sigmoid_mlp)
 from stamen.privacy.clipping import l2_clip
 from stamen.privacy.noise import add_gaussian_noise
-from stamen.sketching.codec import CodecContext, Layout, derive_seed, make_codec
+from stamen.core import Layout, derive_seed
+from stamen.sketching.codec import CodecContext, make_codec
 
 #: sketch codecs whose operator is differentiable by autograd (the attack back-propagates through R)
 ATTACKABLE_SKETCHES = ("gaussian", "rademacher", "countsketch", "sparsejl")
