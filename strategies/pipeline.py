@@ -23,6 +23,7 @@ module shows everything it does, and this module shows the order in which it hap
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class RoundPipeline(Strategy):
         self.last_reasons: dict[str, int] = {}
         self.min_replies = 1
         self._issued: Issued | None = None
+        self._eval_issued: Issued | None = None
         self._global: dict[str, np.ndarray] | None = None
         self._grid = None
 
@@ -107,7 +109,9 @@ class RoundPipeline(Strategy):
         sampled = (self.privacy.sample(server_round, pids) if self.privacy is not None
                    else seeded_sample(self.seed, server_round, pids, self.run.fraction_train))
         chosen = self.method.select(server_round, sampled)
-        entries = {**dict(config), T.CODEC: self.wire_codec, **self.method.instructions(server_round, arrays)}
+        entries = {**dict(config), T.CODEC: self.wire_codec,  # the instruction names its codec completely
+                   T.CODEC_OPTIONS: json.dumps(self.method.codec_options, sort_keys=True),
+                   **self.method.instructions(server_round, arrays)}
         if self.privacy is not None:
             entries.update(self.privacy.instructions())
         self._issued = Issued(self.run_id, server_round, "train")
@@ -179,7 +183,10 @@ class RoundPipeline(Strategy):
             message_type=MessageType.EVALUATE) for p in pids]
 
     def aggregate_evaluate(self, server_round: int, replies) -> MetricRecord | None:
-        verdict = accept_replies(list(replies), self._eval_issued, bounds=self.bounds,
+        issued = self._eval_issued
+        if issued is None or issued.round != server_round:  # no federated evaluation this round
+            return None
+        verdict = accept_replies(list(replies), issued, bounds=self.bounds,
                                  required_metrics=(E.EVAL_LOSS, E.EVAL_ACCURACY))
         return _weighted_metrics(verdict.accepted)
 
