@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from stamen import schema as P
 from stamen.config import StamenConfig
-from stamen.server.results import CheckpointError, RunDirectory, write_plots
+from stamen.server.results import CheckpointError, RunDirectory, atomic_write, write_plots
 from stamen.strategies.preflight import build_pipeline
 from stamen.server.faults import with_transport_faults
 from stamen.server.evaluation import central_evaluation, evaluation_summary
@@ -129,11 +129,9 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
         start, rows, arrays, strategy_state = _load_resume_state(run, cfg, task)
     else:
         run.path.mkdir(parents=True, exist_ok=True)
-        from stamen.server.results import atomic_write
-
-        atomic_write(run.config_path, cfg.to_toml())
         run.write_metrics([])
         strategy_state = None
+    atomic_write(run.config_path, cfg.to_toml())  # on resume too: run.rounds may have been extended
 
     timeout = cfg.federation.round_timeout_s
     nodes, sizes = discover_nodes(grid, cfg.federation.clients, timeout)
@@ -186,6 +184,9 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
         if on_round:
             on_round(row)
 
+    run.write_model(P.from_array_record(current), {"format": "stamen-model/1", "round": len(rows),
+                                                    "dataset": cfg.task.dataset, "model": cfg.task.model,
+                                                    "config": cfg.to_json()})
     summary = _summary(cfg, rows, task)
     summary.update(evaluation_summary(cfg, task, pipeline.method, rows))
     summary.update(pipeline.summary_metrics())

@@ -7,6 +7,9 @@ Layout of ``DIR``::
     summary.json     final metrics, totals, versions, seed
     checkpoint.npz   server state after the last complete round (for --resume); data only,
                      never pickle: the format is in :mod:`stamen.server.checkpoint`
+    model.safetensors the final global model: the model's state dict (safetensors), its
+                     metadata naming the round and the task (``stamen export`` turns it into
+                     TorchScript or ONNX)
     *.png            accuracy / loss per round, accuracy against cumulative bytes
 
 Every file is written atomically (temporary file + fsync + ``os.replace``), so a crash or a
@@ -149,6 +152,28 @@ class RunDirectory:
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text())
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.safetensors"
+
+    def write_model(self, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
+        """The global model's state dict as safetensors (fp32 tensors by name), written atomically."""
+        import numpy as np
+        from safetensors.numpy import save
+
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+        atomic_write(self.model_path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))
+
+    def read_model(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """(state dict as numpy arrays, metadata) of ``model.safetensors``; CheckpointError if unreadable."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.model_path), framework="numpy") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"cannot read the model {self.model_path}: {err}") from None
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Write ``state`` (a tree: see :mod:`stamen.server.checkpoint`) atomically; raise :class:`CheckpointError`

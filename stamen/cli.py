@@ -12,8 +12,9 @@ from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stamen: federated learning on Flower — simulation, deployment and trade-off studies.")
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: long lines (paths, messages) are not broken at the terminal's width, so they stay copyable
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.toml"
 
@@ -29,12 +30,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (config, data, checkpoint), reported without a traceback."""
     from stamen.config import ConfigError
     from stamen.experiment import RunFailed
+    from stamen.export import ExportError
+    from stamen.trackers import TrackerError
     from stamen.server.results import CheckpointError
     from stamen.sketching.codec import PayloadError
     from stamen.strategies.registry import StrategyConfigError
     from stamen.tasks.data import DataError
 
-    return (ConfigError, DataError, StrategyConfigError, CheckpointError, PayloadError, RunFailed, ValueError)
+    return (ConfigError, DataError, StrategyConfigError, CheckpointError, PayloadError, RunFailed, ExportError,
+            TrackerError, ValueError)
 
 
 @app.command()
@@ -43,6 +47,10 @@ def run(
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results directory (default runs/<name>-<timestamp>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in DIR from its last complete round."),
+    log: Optional[str] = typer.Option(None, "--log", help="Also log every round to tensorboard, mlflow or wandb "
+                                      "(needs that package; files under DIR/<tracker>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and the combination (the preflight), "
+                                 "print what would run, start nothing."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and Flower's log."),
 ) -> None:
     """Run one federation in simulation and write its results directory."""
@@ -50,6 +58,7 @@ def run(
     from stamen.experiment import preflight, simulate
     from stamen.server.app import default_out_dir
     from stamen.server.results import ensure_writable_dir
+    from stamen.trackers import check_tracker
 
     dropped: list[str] = []
     try:
@@ -69,10 +78,18 @@ def run(
             out_dir = out or default_out_dir(cfg)
             if (out_dir / "metrics.jsonl").exists():
                 raise C.ConfigError(f"{out_dir} already holds a run; use --resume {out_dir} or another --out")
-        ensure_writable_dir(out_dir)
+        if log:
+            check_tracker(log)
         preflight(cfg)
+        if not dry_run:
+            ensure_writable_dir(out_dir)
     except user_errors() as err:
         _fail(err, debug)
+    if dry_run:
+        console.print(f"[bold]stamen[/] would run {cfg.strategy.name} on {cfg.task.dataset} "
+                      f"({cfg.federation.clients} clients, {cfg.run.rounds} rounds, codec {cfg.compression.codec}, "
+                      f"privacy {'on' if cfg.privacy.enabled else 'off'}) → {out_dir}: the preflight passed")
+        return
 
     if dropped:
         console.print(f"[dim]strategy/codec switched by --set: dropped the file's options {', '.join(dropped)}[/]")
@@ -88,15 +105,27 @@ def run(
 
             progress.update(bar, completed=len(RunDirectory(out_dir).read_metrics()))
 
+        tracker = None
+        if log:
+            from stamen.trackers import make_tracker
+
+            tracker = make_tracker(log, out_dir / log, out_dir.name, experiment=cfg.run.name)
+
         def on_round(row: dict) -> None:
             acc = row.get("test_accuracy")
             text = f"acc {acc:.4f}" if acc is not None else ""
             progress.update(bar, completed=row["round"], acc=text)
+            if tracker is not None:
+                tracker.log_round(row)
 
         try:
             summary = simulate(cfg, out_dir, resume=resume is not None, on_round=on_round, verbose=debug)
         except user_errors() as err:
             _fail(err, debug)
+        if tracker is not None:
+            tracker.finish({k: v for k, v in C.to_flat(cfg).items() if not isinstance(v, (dict, list))},
+                           {k: float(summary[k]) for k in ("final_test_accuracy", "final_test_loss", "epsilon")
+                            if isinstance(summary.get(k), (int, float))})
     _print_summary(summary, out_dir)
 
 
@@ -175,14 +204,12 @@ def list_(
 
     load_strategy_plugins()
     make_codec("dense")  # loads the codec modules
-    t = Table(title="strategies (strategy.name) and their strategy.* options")
-    t.add_column("name"), t.add_column("options"), t.add_column("what it is")
+    t = _table("strategies (strategy.name) and their strategy.* options", "name", "options (default)", "what it is")
     for name, spec in sorted(STRATEGIES.items()):
         opts = ", ".join(f"{k}={f.default!r}" for k, f in spec.options.model_fields.items())
         t.add_row(name, opts or "-", spec.summary)
     console.print(t)
-    t = Table(title="datasets (task.dataset)")
-    t.add_column("name"), t.add_column("what it is")
+    t = _table("datasets (task.dataset)", "name", "what it is")
     for name, fn in sorted(DATASETS.items()):
         t.add_row(name, (fn.__doc__ or "").strip().splitlines()[0])
     console.print(t)
@@ -192,11 +219,30 @@ def list_(
                   "sketch-space and coefficient ones): " + ", ".join(AGGREGATORS))
     console.print("partitions (task.partition): " + ", ".join(["auto", "natural", *sorted(PARTITIONS)]))
     console.print("models (task.model): " + ", ".join(sorted(MODELS)))
-    t = Table(title="codecs (compression.codec)")
-    t.add_column("name"), t.add_column("linear"), t.add_column("what it is")
+    t = _table("codecs (compression.codec) and their compression.* options", "name", "linear", "options (default)",
+               "what it is")
     for name, cls in sorted(CODECS.items()):
-        t.add_row(name, str(cls.linear), (cls.__doc__ or "").strip().splitlines()[0])
+        if getattr(cls, "general_purpose", True):
+            t.add_row(name, str(cls.linear), codec_options(cls) or "-", (cls.__doc__ or "").strip().splitlines()[0])
     console.print(t)
+    console.print("strategies' capabilities (what each aggregates, accepts and declares): stamen list --capabilities")
+
+
+def _table(title: str, *columns: str) -> Table:
+    """A table that wraps long cells instead of cutting them at the terminal's width."""
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    return t
+
+
+def codec_options(cls) -> str:
+    """A codec's ``compression.*`` options with their defaults, from its constructor's signature."""
+    import inspect
+
+    params = [p for p in inspect.signature(cls.__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params)
 
 
 @app.command()
@@ -330,6 +376,24 @@ def attack(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"results → {out}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory (its model.safetensors, or its checkpoint)."),
+    format: str = typer.Option("torchscript", "--format", "-f", help="torchscript or onnx (onnx needs "
+                               "'pip install stamen[export]')."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default DIR/model.<format>)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Export a run's final model as TorchScript or ONNX (checked against PyTorch on a test example)."""
+    from stamen.export import export_model
+
+    try:
+        path = export_model(run_dir, format, out)
+    except user_errors() as err:
+        _fail(err, debug)
+    console.print(f"exported {run_dir} → {path}")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ public face: the public names of the parts below are importable from ``stamen.sw
 - ``stamen.sweep_run`` — engines (``simulation``, ``inprocess``), resume/skip planning
   (:func:`plan_point`), one point's job (:func:`execute_job`) and the worker-process pool;
 - ``stamen.sweep_results`` — ``results.csv`` and ``study.json``;
-- ``stamen.sweep_trackers`` — optional TensorBoard / MLflow logging (``--log``);
+- ``stamen.sweep_trackers`` — optional TensorBoard / MLflow / W&B logging (``--log``, ``stamen/trackers.py``);
 - ``stamen.sweep_progress`` — the reporter hooks and the rich progress display.
 
 Each point runs in ``DIR/runs/<point-id>``. A rerun skips finished points and resumes
@@ -38,12 +38,12 @@ from stamen.sweep_results import (OPTIONAL_COLUMNS, OUTCOME_COLUMNS, TAIL_COLUMN
                                   write_results)
 from stamen.sweep_run import ENGINE_NAMES, ENGINES, Plan, _job, _run_pool, execute_job, plan_point
 from stamen.sweep_study import STUDY_KEYS, Axis, load_study, parse_study
-from stamen.sweep_trackers import LOGGERS, MLflowLogger, TensorBoardLogger, make_logger
+from stamen.sweep_trackers import StudyLogger, make_logger
 
 __all__ = [
-    "ENGINE_NAMES", "ENGINES", "LOGGERS", "OPTIONAL_COLUMNS", "OUTCOME_COLUMNS", "STUDY_KEYS",
-    "TAIL_COLUMNS", "Axis", "MLflowLogger", "Override", "Plan", "Point", "RichSweepReporter", "Study", "StudyError",
-    "StudyResult", "SweepFailed", "SweepReporter", "TensorBoardLogger", "check_points", "execute_job", "fit_jobs",
+    "ENGINE_NAMES", "ENGINES", "OPTIONAL_COLUMNS", "OUTCOME_COLUMNS", "STUDY_KEYS",
+    "TAIL_COLUMNS", "Axis", "Override", "Plan", "Point", "RichSweepReporter", "Study", "StudyError",
+    "StudyLogger", "StudyResult", "SweepFailed", "SweepReporter", "check_points", "execute_job", "fit_jobs",
     "load_study", "make_logger", "parse_study", "plan_point", "point_id", "results_rows", "run_study",
     "write_results",
 ]
