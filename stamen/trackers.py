@@ -123,4 +123,4 @@ def check_tracker(kind: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec(module) is None:
-        raise TrackerError(f"--log {kind} needs the {module!r} package, which is not installed")
+        raise TrackerError(f"--log {kind} needs the {module!r} package, which is not installed (pip install {module})")
