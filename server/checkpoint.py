@@ -228,7 +228,7 @@ def read_checkpoint(path: str | Path, *, layout: Any = None) -> Any:
     members = _read_members(path)
     try:
         header = json.loads(_text(members, "header", path))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise CheckpointError(f"checkpoint {path} is damaged: its header is not JSON ({err})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a Stamen checkpoint (its header does not say format {FORMAT!r})")
@@ -358,7 +358,13 @@ def _decode(x: Any, members: Mapping[str, np.ndarray], path: str, used: set[str]
 def _valid_key(k: Any) -> bool:
     if type(k) is tuple:
         return all(_valid_key(v) for v in k)
-    return k is None or type(k) in (bool, int, str, float, bytes) or isinstance(k, np.generic)
+    if isinstance(k, np.generic):  # a structured (void) scalar read back from a file is not hashable
+        try:
+            hash(k)
+        except TypeError:
+            return False
+        return True
+    return k is None or type(k) in (bool, int, str, float, bytes)
 
 
 def _tensor(x: dict, arr: np.ndarray, path: str, field) -> Any:

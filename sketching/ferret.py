@@ -1,7 +1,7 @@
 """Ferret: shared-randomness block projection of first-order updates.
 
 Shu et al., "Ferret: Federated Full-Parameter Tuning at Scale for Large Language
-Models" (ICML 2025, arXiv 2409.06277); see ``shared/specs/ferret.md``.
+Models" (ICML 2025, arXiv 2409.06277).
 
 A client trains with ordinary optimizer steps, then sends only the projections of
 its update Δ onto a few random directions per parameter block. The directions are
@@ -40,7 +40,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from stamen.sketching.codec import Codec, CodecContext, Layout, PayloadError, derive_seed, register_codec
+from stamen.core import Layout, derive_seed
+from stamen.sketching.codec import Codec, CodecContext, PayloadError, register_codec
 
 Block = tuple[int, int]
 Coefficients = tuple[np.ndarray, np.ndarray, np.ndarray]  # (block idx, seed idx, value)
@@ -52,6 +53,7 @@ BASIS_DEVICE = torch.device("cpu")
 BASIS_DTYPE = torch.float32
 
 _FP16_MAX = float(np.finfo(np.float16).max)
+_FP32_MAX = float(np.finfo(np.float32).max)
 
 
 # -- blocks ----------------------------------------------------------------------------
@@ -471,14 +473,27 @@ class FerretCodec(Codec):
         extra = sorted(set(payload) - {"block", "seed", "value"})
         if extra:
             raise PayloadError(f"ferret payload has unexpected arrays {extra} (expected block, seed, value)")
-        n_blocks = len(self.blocks(ctx.layout))
+        blocks = self.blocks(ctx.layout)
+        n_blocks = len(blocks)
         b = self.expect(payload, "block", dtype=index_dtype(n_blocks))
         s = self.expect(payload, "seed", dtype=index_dtype(self.K))
-        v = self.expect(payload, "value", dtype=_VALUE_DTYPES[self.value_dtype])
+        v = self.expect(payload, "value", dtype=_VALUE_DTYPES[self.value_dtype], finite=False)
+        # before any temporary of the payload's size: no valid payload has more than blocks × K entries
+        most = n_blocks * self.K
+        if any(a.ndim != 1 or len(a) > most for a in (b, s, v)):
+            raise PayloadError(f"ferret payload arrays must be 1-D with at most {most} entries (blocks × K), got "
+                               f"shapes {b.shape}, {s.shape}, {v.shape}")
         validate_coefficients(b, s, v, n_blocks, self.K)
         b, s = b.astype(np.int64), s.astype(np.int64)
         if len(np.unique((b << 32) | s)) != len(b):
             raise PayloadError("ferret payload repeats a (block, seed) pair")
+        # |Δ̂_i| <= Σ_k |γ_k| / √d_l in block l (basis entries are bounded by 1/√d_l): refuse coefficients whose
+        # reconstruction could overflow fp32. Weighted means of accepted payloads stay within the same bound.
+        reach = np.bincount(b, weights=np.abs(v.astype(np.float64)), minlength=n_blocks) / np.sqrt(
+            np.array([end - start for start, end in blocks], dtype=np.float64))
+        if len(reach) and float(reach.max()) > _FP32_MAX / 2:
+            raise PayloadError(f"ferret coefficients too large: block {int(reach.argmax())} would reconstruct to "
+                               f"values up to {float(reach.max()):.3g}, beyond the float32 range")
         return b, s, v.astype(np.float32)
 
     # -- the Codec contract

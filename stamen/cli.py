@@ -118,10 +118,21 @@ def run(
             if tracker is not None:
                 tracker.log_round(row)
 
-        try:
-            summary = simulate(cfg, out_dir, resume=resume is not None, on_round=on_round, verbose=debug)
-        except user_errors() as err:
-            _fail(err, debug)
+        from stamen.interrupt import Interrupt, kill_descendants
+        from stamen.server.loop import request_stop
+
+        hint = f"completed rounds are checkpointed in {out_dir}; continue with: stamen run --resume {out_dir}"
+        with Interrupt(hint, on_first=request_stop) as interrupt:
+            try:
+                summary = simulate(cfg, out_dir, resume=resume is not None, on_round=on_round, verbose=debug)
+            except user_errors() as err:
+                if interrupt.interrupted:
+                    interrupt.force()
+                _fail(err, debug)
+        if interrupt.interrupted:
+            kill_descendants(interrupt.family)
+            err_console.print(f"stopped: {hint}")
+            raise typer.Exit(code=130)
         if tracker is not None:
             tracker.finish({k: v for k, v in C.to_flat(cfg).items() if not isinstance(v, (dict, list))},
                            {k: float(summary[k]) for k in ("final_test_accuracy", "final_test_loss", "epsilon")
@@ -281,11 +292,23 @@ def sweep(
             t.add_row(p.point.id, p.point.label, p.action + (f" ({p.reason})" if p.reason else ""))
         console.print(t)
         return
-    try:
-        with S.RichSweepReporter(console) as reporter:
-            result = S.run_study(st, out_dir, engine=engine, jobs=jobs, reporter=reporter, log_to=log, verbose=debug)
-    except user_errors() as err:
-        _fail(err, debug)
+    from stamen.interrupt import Interrupt, kill_descendants
+    from stamen.server.loop import request_stop
+
+    hint = f"rerun the same command to continue: finished points are skipped, interrupted ones resumed ({out_dir})"
+    with Interrupt(hint, on_first=request_stop) as interrupt:
+        try:
+            with S.RichSweepReporter(console) as reporter:
+                result = S.run_study(st, out_dir, engine=engine, jobs=jobs, reporter=reporter, log_to=log,
+                                     verbose=debug)
+        except user_errors() as err:
+            if interrupt.interrupted:
+                interrupt.force()
+            _fail(err, debug)
+    if interrupt.interrupted:
+        kill_descendants(interrupt.family)
+        err_console.print(f"stopped: {hint}")
+        raise typer.Exit(code=130)
     console.print(f"ran {len(result.ran)} ({len(result.resumed)} resumed), skipped {len(result.skipped)} finished, "
                   f"failed {len(result.failed)} → {result.csv_path}")
     if result.failed:

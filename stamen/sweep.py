@@ -130,7 +130,11 @@ def run_study(study: Study, out_dir: str | Path, *, engine: str = "simulation", 
 
     try:
         if jobs == 1 and engine == "inprocess":
+            from stamen.server.loop import stop_requested
+
             for plan in todo:
+                if stop_requested():  # Ctrl-C: start no further point; the interrupted one resumes on rerun
+                    break
                 reporter.point_started(plan)
                 job = _job(plan, out, engine, cpus, verbose)
                 finished(plan, execute_job(job, lambda row, pid=plan.point.id: reporter.point_round(pid, row)))

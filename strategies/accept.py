@@ -14,8 +14,13 @@ accepted only if
 5. its metrics are finite numbers and ``num-examples`` lies in (0, bound], the bound being
    what the server knows of that partition (the size the node reported when it joined,
    capped by ``federation.max_examples_per_client``);
-6. its codec is the one the run uses, and the payload decodes (keys, dtypes, shapes,
-   finiteness) — the ``decode`` callable given by the pipeline raises otherwise.
+6. its codec is the one the run uses, every payload array carries exactly the bytes its
+   ``.npy`` header declares (numpy would allocate the declared size first), and the payload
+   decodes (keys, dtypes, shapes, finiteness) — the ``decode`` callable given by the pipeline
+   raises otherwise.
+
+Identity entries must equal what the server issued *with the same type* (``1.0`` or ``True``
+is not round or partition 1).
 
 A reply that fails is rejected with a reason code and a message, logged, and counted in the
 round's ``rejected`` / ``rejected_reasons``; it never reaches aggregation. Replies are
@@ -24,6 +29,7 @@ processed in partition order, so float sums do not depend on arrival order.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import secrets
@@ -31,7 +37,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flwr.app import Message
+import numpy as np
+from flwr.app import ArrayRecord, Message
 
 from stamen import schema as S
 from stamen.schema.train import CODEC
@@ -154,12 +161,12 @@ def _check(msg: Message, issued: Issued, seen: set[str], bounds: dict[int, float
     if meta is None or S.SCHEMA not in meta:
         raise Rejected("not-stamen", "not a Stamen reply (no 'meta' record with the schema version): is the ClientApp "
                                      "a Stamen app? (ARCHITECTURE.md, 'Message schema')")
-    if meta.get(S.SCHEMA) != S.SCHEMA_VERSION:
+    if not _same(meta.get(S.SCHEMA), S.SCHEMA_VERSION):
         raise Rejected("schema", f"reply has schema version {meta.get(S.SCHEMA)!r}, this server speaks "
                                  f"{S.SCHEMA_VERSION}")
-    if meta.get(S.RUN_ID) != issued.run_id:
+    if not _same(meta.get(S.RUN_ID), issued.run_id):
         raise Rejected("wrong-run", f"reply belongs to run {meta.get(S.RUN_ID)!r}, not this run")
-    if meta.get(S.SERVER_ROUND) != issued.round:
+    if not _same(meta.get(S.SERVER_ROUND), int(issued.round)):  # issue() sent int(round)
         raise Rejected("wrong-round", f"reply is for round {meta.get(S.SERVER_ROUND)!r}, this is round {issued.round} "
                                       f"(a replay or a late reply)")
     nonce = meta.get(S.NONCE)
@@ -169,7 +176,7 @@ def _check(msg: Message, issued: Issued, seen: set[str], bounds: dict[int, float
     if msg.metadata.src_node_id != instruction.node:
         raise Rejected("wrong-node", f"reply to the instruction sent to node {instruction.node} came from node "
                                      f"{msg.metadata.src_node_id}")
-    if meta.get(S.PARTITION_ID) != instruction.pid:
+    if not _same(meta.get(S.PARTITION_ID), instruction.pid):
         raise Rejected("wrong-partition", f"reply names partition-id {meta.get(S.PARTITION_ID)!r}, but the "
                                           f"instruction was for partition {instruction.pid}")
     if nonce in seen:
@@ -181,8 +188,42 @@ def _check(msg: Message, issued: Issued, seen: set[str], bounds: dict[int, float
             raise Rejected("codec", f"reply encoded with codec {meta.get(CODEC)!r}, expected {codec!r}")
         if S.UPDATE not in content.array_records:
             raise Rejected("payload", f"reply lacks the {S.UPDATE!r} record")
-        payload = S.from_array_record(content.array_records[S.UPDATE])
+        payload = _payload_arrays(content.array_records[S.UPDATE])
     return Reply(instruction.pid, instruction.node, payload, metrics, message=msg)
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """An echoed identity entry equals what the server issued, with the same type (``1.0`` and ``True``
+    are not round or partition 1: the schema's identity entries are ints and strings)."""
+    return type(value) is type(expected) and value == expected
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _payload_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The payload arrays of a reply, refusing any whose ``.npy`` header declares another amount of data
+    than the array carries (or Python objects): numpy allocates the *declared* size before it reads the
+    data, so a few bytes declaring a petabyte would otherwise raise MemoryError — or allocate it."""
+    out = {}
+    for key, array in record.items():
+        if array.stype != "numpy.ndarray":
+            raise Rejected("payload", f"payload array {key!r} is serialized as {array.stype!r}, not as a numpy array")
+        data = array.data
+        stream = io.BytesIO(data)
+        try:
+            shape, _, dtype = _NPY_HEADERS[np.lib.format.read_magic(stream)](stream)
+        except Exception as err:  # noqa: BLE001 — any unreadable header is the sender's defect
+            raise Rejected("payload", f"payload array {key!r} is not a .npy array of format 1.0/2.0 "
+                                      f"({type(err).__name__}: {err})") from None
+        if dtype.hasobject:
+            raise Rejected("payload", f"payload array {key!r} holds Python objects ({dtype})")
+        declared, carried = math.prod(shape) * dtype.itemsize, len(data) - stream.tell()
+        if declared != carried:
+            raise Rejected("payload", f"payload array {key!r} declares shape {shape} of {dtype} ({declared} bytes) "
+                                      f"but carries {carried} bytes")
+        out[key] = array.numpy()
+    return out
 
 
 def _check_metrics(content, pid: int, bounds: dict[int, float], required: tuple[str, ...]) -> dict[str, float]:

@@ -71,6 +71,10 @@ class FedKSeedMethod(FerretMethod):
                               "pack into one (more than half of its tensors are empty)")
         return FerretCodec(**options)
 
+    @property
+    def codec_options(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.layout_codec_options(self.run.layout)
+
     def layout_codec_options(self, layout: Layout) -> dict[str, Any]:
         # one block over the whole model: the block limit ratio × median(numel) must reach d
         return {"K": self.options.K, "value_dtype": "fp32", "block_ratio": float(max(layout.d, 1)), "clip": None,

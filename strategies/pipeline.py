@@ -38,6 +38,7 @@ from stamen import schema as S
 from stamen.core import Layout
 from stamen.schema import evaluate as E
 from stamen.schema import train as T
+from stamen.sketching.codec import PayloadError
 from stamen.strategies.accept import Issued, Reply, Verdict, accept_replies
 from stamen.strategies.dp import PrivacyStage
 from stamen.strategies.method import Combiner, Method, RunInfo
@@ -139,13 +140,17 @@ class RoundPipeline(Strategy):
                 used = []
         new = None
         if used is not None:
-            aggregate = self.method.aggregate(server_round, [r.contribution for r in used], weights[:len(used)],
-                                              combiner)
-            if aggregate is not None:
-                new = self.method.step(server_round, self._global, aggregate, float(sum(weights[:len(used)])) or 1.0)
-            else:
-                log.warning("round %d failed: the %s aggregate is undefined for %d replies; the global model is "
-                            "unchanged", server_round, combiner.name, len(used))
+            try:
+                aggregate = self.method.aggregate(server_round, [r.contribution for r in used], weights[:len(used)],
+                                                  combiner)
+                if aggregate is not None:
+                    new = self.method.step(server_round, self._global, aggregate,
+                                           float(sum(weights[:len(used)])) or 1.0)
+                else:
+                    log.warning("round %d failed: the %s aggregate is undefined for %d replies; the global model is "
+                                "unchanged", server_round, combiner.name, len(used))
+            except PayloadError as err:  # finite inputs whose aggregate overflows or does not decode
+                log.warning("round %d failed: %s; the global model is unchanged", server_round, err)
         if new is not None and not all(np.isfinite(a).all() for a in new.values()):
             log.warning("round %d: the update overflows; the global model is unchanged", server_round)
             new = None
