@@ -65,6 +65,8 @@ class SketchCodec(Codec):
     linear = True
     mergeable: ClassVar[bool] = True  # payloads may be summed, whether or not decode is linear
     DEFAULT_RATIO: ClassVar[float] = 0.1
+    #: options this codec passes to its operator, besides ``ratio`` / ``size`` (``compression.*``)
+    OPERATOR_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, ratio: float | None = None, size: int | None = None, **operator_options: Any) -> None:
         if ratio is not None and size is not None:
@@ -145,9 +147,10 @@ class GaussianCodec(SketchCodec):
 
     name = "gaussian"
     operator_kind = "gaussian"
+    OPERATOR_OPTIONS = ("max_block_bytes", "max_entries")
 
     def _check_operator_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        return _only(self.name, options, {"max_block_bytes", "max_entries"})
+        return _only(self.name, options, set(self.OPERATOR_OPTIONS))
 
 
 @register_codec
@@ -173,8 +176,10 @@ class SparseJLCodec(SketchCodec):
     name = "sparsejl"
     operator_kind = "sparsejl"
 
+    OPERATOR_OPTIONS = ("k",)
+
     def _check_operator_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = _only(self.name, options, {"k"})
+        options = _only(self.name, options, set(self.OPERATOR_OPTIONS))
         k = options.setdefault("k", 4)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"codec {self.name!r}: option 'k' must be a positive int, got {k!r}")
@@ -197,9 +202,10 @@ class CountSketchCodec(SketchCodec):
     operator_kind = "countsketch"
     payload_key = "table"
     linear = False
+    OPERATOR_OPTIONS = ("rows",)
 
     def _check_operator_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        options = _only(self.name, options, {"rows"})
+        options = _only(self.name, options, set(self.OPERATOR_OPTIONS))
         rows = options.setdefault("rows", 5)
         if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
             raise ValueError(f"codec {self.name!r}: option 'rows' must be a positive int, got {rows!r}")

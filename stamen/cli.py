@@ -253,7 +253,8 @@ def codec_options(cls) -> str:
 
     params = [p for p in inspect.signature(cls.__init__).parameters.values()
               if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return ", ".join(f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params)
+    names = [f"{p.name}={p.default!r}" if p.default is not p.empty else p.name for p in params]
+    return ", ".join(names + list(getattr(cls, "OPERATOR_OPTIONS", ())))
 
 
 @app.command()

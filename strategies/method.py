@@ -21,6 +21,8 @@ used by composition: the pipeline never subclasses or re-classes them.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -188,7 +190,8 @@ class FlowerStep:
 
     def configure(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         config = ConfigRecord()
-        self.flower.configure_train(server_round, arrays, config, _NoNodes())
+        with _quiet_flower():  # its "Sampled 0 nodes" would mislead: the pipeline samples
+            self.flower.configure_train(server_round, arrays, config, _NoNodes())
         config.pop(S.SERVER_ROUND, None)  # the pipeline's identity carries the round
         return dict(config)
 
@@ -196,7 +199,8 @@ class FlowerStep:
         one = Message(content=RecordDict({S.ARRAYS: S.to_array_record(model),
                                           S.METRICS: MetricRecord({S.NUM_EXAMPLES: float(total_weight)})}),
                       dst_node_id=0, message_type=MessageType.TRAIN)
-        arrays, _ = self.flower.aggregate_train(server_round, [one])
+        with _quiet_flower():
+            arrays, _ = self.flower.aggregate_train(server_round, [one])
         # fp32 whatever the optimizer computed in (FedAdam's bias-corrected step is float64)
         return None if arrays is None else {k: np.asarray(v, np.float32) for k, v in S.from_array_record(arrays).items()}
 
@@ -217,6 +221,18 @@ def _plain(value):
     if isinstance(value, list):
         return [np.asarray(v) for v in value]
     return value
+
+
+@contextmanager
+def _quiet_flower():
+    """Flower's strategies log each call at INFO; as a step stage they report on a one-reply round."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class _NoNodes:
