@@ -40,7 +40,8 @@ def test_run_experiment_and_load_run(tmp_path):
     same = stamen.run_experiment({"federation": {"clients": 4}}, TINY[1:], tmp_path / "dict", engine="inprocess")
     assert same.rows == [{**r, "wall_s": s["wall_s"]} for r, s in zip(result.rows, same.rows)]
     with pytest.raises(ConfigError, match="client_curriculum"):
-        stamen.run_experiment(None, TINY + ["strategy.name=curriculum", "privacy.clip=1", "privacy.noise_multiplier=1"],
+        stamen.run_experiment(None, TINY + ["strategy.name=curriculum", "strategy.client_curriculum=true",
+                                            "privacy.clip=1", "privacy.noise_multiplier=1"],
                               tmp_path / "refused", engine="inprocess")
     with pytest.raises(FileNotFoundError, match="not a Stamen run directory"):
         stamen.load_run(tmp_path)

@@ -151,7 +151,8 @@ REFUSALS = [
      "privacy.site='central' is not available for strategy 'sketched_fedavg'"),
     (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=ferret"], "cannot be made private"),
     (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.aggregator=krum"], "strategy.aggregator='mean'"),
-    (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=curriculum"], "client_curriculum=false"),
+    (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=curriculum", "strategy.client_curriculum=true"],
+     "client_curriculum=false"),
     (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "strategy.name=fedlex"], "exploration uploads"),
     (["privacy.clip=1.0", "privacy.noise_multiplier=1.0", "federation.fraction_evaluate=0.5"], "fraction_evaluate"),
     (["privacy.clip=1.0", "privacy.noise_multiplier=0.3", "privacy.epsilon_budget=0.5"], "one round's epsilon"),
@@ -168,7 +169,8 @@ def test_unsound_combinations_are_refused_before_anything_starts(overrides, matc
 def test_every_problem_is_named_in_one_message():
     with pytest.raises(CombinationError) as err:
         build_pipeline(load(overrides=BASE + ["privacy.clip=1.0", "privacy.noise_multiplier=1.0",
-                                              "strategy.name=curriculum", "federation.fraction_evaluate=0.5",
+                                              "strategy.name=curriculum", "strategy.client_curriculum=true",
+                                              "federation.fraction_evaluate=0.5",
                                               "privacy.delta=0.5"]))
     assert len(err.value.problems) == 3 and "3 problems" in str(err.value)
 
@@ -184,6 +186,7 @@ def test_cli_refuses_with_exit_code_2_and_the_message(tmp_path):
     from stamen.cli import app
 
     result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "r"), "--set", "privacy.clip=1.0",
-                                      "--set", "privacy.noise_multiplier=1.0", "--set", "strategy.name=curriculum"])
+                                      "--set", "privacy.noise_multiplier=1.0", "--set", "strategy.name=curriculum",
+                                      "--set", "strategy.client_curriculum=true"])
     assert result.exit_code == 2 and "client_curriculum" in result.output
     assert not (tmp_path / "r").exists()
