@@ -32,17 +32,49 @@ def _load(config: Optional[Path], set_: list[str]):
     return C.load(config or DEFAULT_CONFIG, set_)
 
 
+def local_layout(cfg, nodes: int | None, clients: int | None) -> int:
+    """Apply ``--nodes`` / ``--clients`` to ``cfg`` (in place); return the number of SuperNodes.
+
+    ``clients`` sets ``federation.clients``. SuperNodes: ``nodes``, else the config's own
+    deployment layout (``federation.sim_nodes``), else at most :data:`spec.LOCAL_SUPERNODES`. With
+    fewer SuperNodes than clients each hosts several (``federation.sim_nodes`` = SuperNodes).
+    """
+    from stamen.config import ConfigError
+    from stamen.deploy import spec
+
+    if clients is not None:
+        cfg.federation.clients = clients
+    n_clients = cfg.federation.clients
+    if nodes is None:
+        set_by_config = 0 < cfg.federation.sim_nodes and cfg.federation.virtual_clients
+        nodes = spec.deployed_supernodes(cfg) if set_by_config else min(n_clients, spec.LOCAL_SUPERNODES)
+    if nodes > n_clients:
+        raise ConfigError(f"--nodes {nodes} is more SuperNodes than federation.clients={n_clients}: every SuperNode "
+                          f"hosts at least one client (give --clients {nodes} for one client per SuperNode)")
+    if nodes < n_clients and not cfg.federation.virtual_clients:
+        raise ConfigError(f"federation.virtual_clients=false needs one SuperNode per client: give --nodes {n_clients}")
+    cfg.federation.sim_nodes = nodes
+    return nodes
+
+
 @deploy_app.command()
 def local(
     config: Optional[Path] = typer.Argument(None, help="Run config (TOML). Default: the embedded digits/FedAvg config."),
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", min=1,
-                                        help="SuperNodes to start (sets federation.clients). Default: federation.clients."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", min=1, help=(
+        "SuperNodes to start; with fewer than federation.clients each hosts several clients (sets "
+        "federation.sim_nodes). Default: the config's federation.sim_nodes, else min(federation.clients, 4).")),
+    clients: Optional[int] = typer.Option(None, "--clients", min=1, help="Sets federation.clients."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: section.key=value (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results directory (default runs/<name>-<timestamp>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help=(
+        "Continue the run in DIR from its last checkpoint (after the SuperLink or the ServerApp died); the config "
+        "comes from DIR/config.toml.")),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS and no node authentication (loopback only!)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Stop everything if the run takes longer (seconds)."),
     measure_bytes: bool = typer.Option(False, "--measure-bytes",
                                        help="Route SuperNodes through a byte-counting proxy; write wire_bytes.json."),
+    flower_clientapps: bool = typer.Option(False, "--flower-clientapps", help=(
+        "Flower's own SuperNodes: a new ClientApp process per message, 3 s polls (slow; for comparison).")),
     keep: Optional[Path] = typer.Option(None, "--keep", help="Copy the work dir (certs, logs, Flower state) here."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -54,20 +86,33 @@ def local(
     console = Console(soft_wrap=True)  # one line per message, also in logs and pipes
     errors, fail = _errors(debug)
     try:
-        cfg = _load(config, set_)
-        n = nodes or cfg.federation.clients
-        cfg.federation.clients = n
+        from stamen import config as C
+        from stamen.server.results import RunDirectory
+
+        if resume is not None:
+            if config is not None:
+                raise C.ConfigError("--resume DIR takes its config from DIR/config.toml; drop the CONFIG argument")
+            if out is not None and out.resolve() != resume.resolve():
+                raise C.ConfigError("--out must be omitted or equal to the --resume directory")
+            cfg = C.load(resume / "config.toml", set_)
+            RunDirectory(resume).load_checkpoint()  # a damaged checkpoint fails here, before any process starts
+            out = resume
+        else:
+            cfg = _load(config, set_)
+        n = local_layout(cfg, nodes, clients)
         from stamen.experiment import preflight
 
         preflight(cfg)
         out_dir = (out or default_out_dir(cfg)).resolve()
-        if (out_dir / "metrics.jsonl").exists():
-            raise ValueError(f"{out_dir} already holds a run; choose another --out")
+        if resume is None and (out_dir / "metrics.jsonl").exists():
+            raise C.ConfigError(f"{out_dir} already holds a run; use --resume {out_dir} or another --out")
     except errors as err:
         fail(err)
         return
-    console.print(f"[bold]stamen deploy local[/] {cfg.strategy.name} on {cfg.task.dataset} ({n} SuperNodes, "
-                  f"{cfg.run.rounds} rounds, codec {cfg.compression.codec}) → {out_dir}")
+    layout = f"{n} SuperNodes" if n == cfg.federation.clients else f"{cfg.federation.clients} clients on {n} SuperNodes"
+    console.print(f"[bold]stamen deploy local[/] {cfg.strategy.name} on {cfg.task.dataset} ({layout}, "
+                  f"{cfg.run.rounds} rounds, codec {cfg.compression.codec}) → {out_dir}"
+                  + (" (resuming)" if resume is not None else ""))
 
     def on_round(row: dict) -> None:
         acc = row.get("test_accuracy")
@@ -79,7 +124,8 @@ def local(
 
     try:
         result = deploy_local(cfg, n, out_dir, tls=not insecure, timeout=timeout, keep=keep,
-                              measure_bytes=measure_bytes, echo=console.print, on_round=on_round)
+                              measure_bytes=measure_bytes, echo=console.print, on_round=on_round,
+                              resume=resume is not None, clientapps="flower" if flower_clientapps else "warm")
     except errors as err:
         fail(err)
         return
@@ -191,8 +237,15 @@ def superlink(
 
 @deploy_app.command()
 def supernode(
-    partition_id: int = typer.Option(..., "--partition-id", "-i", min=0, help="This node's partition (0 … N-1)."),
+    partition_id: int = typer.Option(..., "--partition-id", "-i", min=0, help=(
+        "This node's partition (0 … N-1); with --supernodes K, this is SuperNode k (0 … K-1), hosting the "
+        "partitions p with p mod K = k.")),
     num_partitions: int = typer.Option(..., "--nodes", "-n", min=1, help="N = federation.clients."),
+    supernodes: Optional[int] = typer.Option(None, "--supernodes", min=1, help=(
+        "K SuperNodes host the N clients (federation.sim_nodes = K in the run config). Default: one per client.")),
+    flower_clientapps: bool = typer.Option(False, "--flower-clientapps", help=(
+        "Run Flower's own flower-supernode (a new ClientApp process per message, 3 s polls) instead of Stamen's "
+        "(paced polls, one warm ClientApp process: python -m stamen.deploy.supernode).")),
     superlink_address: str = typer.Option(..., "--superlink", help="SuperLink Fleet API, host:9092."),
     certs_dir: Optional[Path] = typer.Option(None, "--certs", help="Directory with ca.crt and supernode-<i>.key."),
     key: Optional[Path] = typer.Option(None, "--key", help="Private key (default CERTS/supernode-<i>.key)."),
@@ -206,21 +259,31 @@ def supernode(
     from stamen.deploy.certs import CertPaths
 
     runtime_port = port if port is not None else spec.SUPERNODE_PORT + partition_id
+    if not flower_clientapps:
+        isolation = "process"  # Stamen's SuperNode runs its ClientApps itself
+    if supernodes is not None and not (partition_id < supernodes <= num_partitions):
+        raise typer.BadParameter(f"--supernodes {supernodes} needs --partition-id < {supernodes} <= --nodes "
+                                 f"{num_partitions}")
     if insecure:
         if not spec.is_loopback(spec.address_host(superlink_address)):
             typer.echo(f"WARNING: --insecure SuperNode dialling {superlink_address}, which is not loopback: its "
                        "updates cross the network in plain text (no TLS) and the SuperLink does not authenticate "
                        "it.", err=True)
         args = spec.supernode_args(partition_id, num_partitions, superlink=superlink_address, ca=None,
-                                   port=runtime_port, isolation=isolation)
+                                   port=runtime_port, isolation=isolation, supernodes=supernodes)
     else:
         if certs_dir is None:
             raise typer.BadParameter("give --certs DIR (or --insecure)")
         c = CertPaths(certs_dir.resolve())
         args = spec.supernode_args(partition_id, num_partitions, superlink=superlink_address, ca=c.ca_cert,
                                    auth_key=(key or c.node_key(partition_id)).resolve(), port=runtime_port,
-                                   isolation=isolation)
-    _exec(["flower-supernode", *args], dry_run)
+                                   isolation=isolation, supernodes=supernodes)
+    if flower_clientapps:
+        _exec(["flower-supernode", *args], dry_run)
+    else:
+        import sys
+
+        _exec(spec.stamen_supernode_argv(sys.executable, args), dry_run)
 
 
 @deploy_app.command("flwr-home")
@@ -262,8 +325,15 @@ def app(
     app_dir = spec.write_app_dir(out / "app")
     rc = out / "run-config.toml"
     rc.write_text(spec.run_config_toml(cfg))
-    typer.echo(f"wrote {app_dir} and {rc} (federation.clients={cfg.federation.clients}: start that many SuperNodes)\n"
+    k, n = spec.deployed_supernodes(cfg), cfg.federation.clients
+    layout = (f"start {n} SuperNodes, one per client (stamen deploy supernode -i i -n {n})" if k == n else
+              f"start {k} SuperNodes hosting {n} clients (stamen deploy supernode -i k -n {n} --supernodes {k})")
+    typer.echo(f"wrote {app_dir} and {rc}: {layout}\n"
                f"run:  flwr run {app_dir} {spec.CONNECTION} --run-config {rc} --stream")
+    if not Path(cfg.run.out_dir or "runs").is_absolute():
+        typer.echo(f"NOTE: run.out_dir={cfg.run.out_dir!r} is relative: the ServerApp writes its results on the "
+                   "SuperLink's machine, relative to the SuperLink's working directory. Give an absolute path "
+                   "(--set run.out_dir='/path/on/the/superlink/host') to know where they land.", err=True)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ The processes of a deployment (Flower 1.39)::
                                               ▲ gRPC+TLS :9092 (Fleet API, node auth)
                          SuperNode i ─────────┘
                            ▲ HTTP 127.0.0.1:9094 (Runtime API, one port per SuperNode on a host)
-                         SuperExec → ClientApp (one short-lived process per message)
+                         ClientApp runner → one warm ClientApp process (Stamen's SuperNode), or
+                         SuperExec → ClientApp (Flower's: one short-lived process per message)
 
-With ``--isolation subprocess`` (the default, used by ``stamen deploy local``) the SuperLink and
-each SuperNode start their SuperExec themselves; with ``--isolation process`` (compose, k8s) the
-SuperExec runs in its own container, built from the Stamen image, next to Flower's official
-``flwr/superlink`` / ``flwr/supernode`` containers.
+``stamen deploy local`` and ``stamen deploy supernode`` run Stamen's SuperNode
+(:func:`stamen_supernode_argv`: Flower's ``flower-supernode`` with paced polls, serving its
+ClientApps with one warm process; ``deploy/supernode.py``). With ``--isolation subprocess`` the
+SuperLink starts its SuperExec itself; with ``--isolation process`` (compose, k8s) the SuperExec
+runs in its own container, built from the Stamen image, next to Flower's official
+``flwr/superlink`` / ``flwr/supernode`` containers (those keep Flower's per-message ClientApps).
 
 Closed by default: every API binds loopback (:data:`LOOPBACK`) unless an address is given, and
 :func:`superlink_args` refuses a non-loopback bind without TLS and SuperNode authentication
@@ -45,6 +48,9 @@ CONTROL_PORT = 8000  #: SuperLink HTTP(S) API: Control (``flwr`` CLI) and Runtim
 LOOPBACK = "127.0.0.1"
 SUPERNODE_PORT = 9094  #: SuperNode Runtime API (its ClientApp SuperExec); each SuperNode on a host needs its own
 RAY_PORT = 6379  #: Ray head (GCS) port for simulations on a Ray cluster (``federation.ray_address``)
+#: ``stamen deploy local``'s SuperNodes when the config sets no layout: clients are spread over at most this many
+#: (one process per SuperNode and one warm ClientApp each: more than the machine's cores only adds contention)
+LOCAL_SUPERNODES = 4
 
 #: where the compose file and the k8s manifests mount the certificate directory (the images' workdir is /app)
 CERTS_DIR_IN_CONTAINER = "/app/certificates"
@@ -146,13 +152,28 @@ def superlink_args(*, ca: str | os.PathLike | None, cert: str | os.PathLike | No
     return args
 
 
-def node_config(partition_id: int | str, num_partitions: int) -> str:
+def node_config(partition_id: int | str, num_partitions: int, supernodes: int | None = None) -> str:
     """The ``--node-config`` of SuperNode ``partition_id``: Stamen's ClientApp reads ``partition-id``.
 
     ``partition_id`` may be a placeholder string such as ``$(POD_INDEX)`` (Kubernetes expands it).
+    With ``supernodes`` K < ``num_partitions`` N, SuperNode k hosts the N/K partitions
+    ``{p : p mod K = k}`` (:func:`deployed_supernodes`) and says so in ``supernodes=K``.
     """
     pid = partition_id if isinstance(partition_id, str) else int(partition_id)
-    return f"partition-id={pid} num-partitions={int(num_partitions)}"
+    extra = f" supernodes={int(supernodes)}" if supernodes and int(supernodes) < int(num_partitions) else ""
+    return f"partition-id={pid} num-partitions={int(num_partitions)}{extra}"
+
+
+def deployed_supernodes(cfg) -> int:
+    """How many SuperNodes a deployment of ``cfg`` has: one per client (``federation.clients``), or
+    K = ``federation.sim_nodes`` when ``federation.virtual_clients`` and 0 < K < clients — then
+    SuperNode k hosts the clients ``{p : p mod K = k}`` as virtual nodes (``server/app.py``,
+    ``DeployedCarriers``), one Flower message per SuperNode per round, as the simulation's
+    carriers do.
+    """
+    f = cfg.federation
+    k = int(f.sim_nodes if f.virtual_clients else 0)
+    return k if 0 < k < f.clients else f.clients
 
 
 def node_key_name(partition_id: int | str) -> str:
@@ -163,7 +184,7 @@ def node_key_name(partition_id: int | str) -> str:
 def supernode_args(partition_id: int | str, num_partitions: int, *, superlink: str, ca: str | os.PathLike | None,
                    auth_key: str | os.PathLike | None = None, host: str = "127.0.0.1", port: int = SUPERNODE_PORT,
                    isolation: str = "subprocess", max_retries: int | None = None,
-                   max_wait_time: float | None = None) -> list[str]:
+                   max_wait_time: float | None = None, supernodes: int | None = None) -> list[str]:
     """Arguments of ``flower-supernode`` (the official image's entrypoint).
 
     ``superlink`` is the Fleet API address (``host:9092``); ``ca=None`` means ``--insecure``;
@@ -174,13 +195,51 @@ def supernode_args(partition_id: int | str, num_partitions: int, *, superlink: s
     args += ["--grpc-rere", "--superlink", superlink]
     if auth_key is not None:
         args += ["--auth-supernode-private-key", _p(auth_key)]
-    args += ["--node-config", node_config(partition_id, num_partitions),
+    args += ["--node-config", node_config(partition_id, num_partitions, supernodes),
              "--host", host, "--port", str(port), "--isolation", isolation]
     if max_retries is not None:
         args += ["--max-retries", str(max_retries)]
     if max_wait_time is not None:
         args += ["--max-wait-time", str(max_wait_time)]
     return args
+
+
+#: Stamen's SuperNode: Flower's, paced, with warm ClientApps (``deploy/supernode.py``)
+STAMEN_SUPERNODE = ["-m", "stamen.deploy.supernode"]
+#: Stamen's runner of warm ClientApps next to a SuperNode with ``--isolation process`` (``deploy/clientapp.py``)
+STAMEN_CLIENTAPP = ["-m", "stamen.deploy.clientapp"]
+
+
+def stamen_supernode_argv(python: str, flower_args: list[str], *, clientapps: str = "warm",
+                          poll_min: float | None = None, poll_max: float | None = None,
+                          zygote: str | None = None) -> list[str]:
+    """The command line of a Stamen SuperNode: ``python -m stamen.deploy.supernode [options] FLOWER-ARGS``.
+
+    ``flower_args`` are :func:`supernode_args` (``--isolation`` is forced to ``process`` when
+    ``clientapps`` is ``warm``: the SuperNode's own process then runs its ClientApps warm; with
+    ``external`` a :func:`clientapp_runner_argv` process next to it does).
+    """
+    opts = ["--clientapps", clientapps]
+    if poll_min is not None:
+        opts += ["--poll-min", str(poll_min)]
+    if poll_max is not None:
+        opts += ["--poll-max", str(poll_max)]
+    if zygote is not None:
+        opts += ["--zygote", str(zygote)]
+    return [python, *STAMEN_SUPERNODE, *opts, *flower_args]
+
+
+def clientapp_runner_argv(python: str, runtime_address: str, *, zygote: str | None = None) -> list[str]:
+    """Stamen's warm-ClientApp runner as its own process next to a SuperNode started with
+    ``--isolation process`` (in place of ``flower-superexec``; ``deploy/clientapp.py``)."""
+    return [python, *STAMEN_CLIENTAPP, "--runtime-api-address", runtime_address,
+            *(["--zygote", str(zygote)] if zygote is not None else [])]
+
+
+def clientapp_zygote_argv(python: str, socket_path: str, *, parent_pid: int | None = None) -> list[str]:
+    """A ClientApp zygote shared by the SuperNodes of one machine (``deploy/clientapp.py``)."""
+    return [python, *STAMEN_CLIENTAPP, "zygote", "--socket", str(socket_path),
+            *(["--parent-pid", str(parent_pid)] if parent_pid is not None else [])]
 
 
 def superexec_args(runtime_address: str, *, ca: str | os.PathLike | None) -> list[str]:
@@ -258,6 +317,15 @@ APP_COMPONENTS = {"serverapp": "stamen.server.app:app", "clientapp": "stamen.cli
 APP_CONFIG = {"config-file": "", "overrides": ""}
 
 
+def app_config() -> dict[str, Any]:
+    """``[tool.flwr.app.config]``: ``config-file``, ``overrides`` and every Stamen key, unset ("") — the
+    declaration of Stamen's pyproject.toml (``stamen.flwr_config``), so ``flwr run --run-config`` takes
+    the same keys on a deployment as on the repository."""
+    from stamen.flwr_config import run_config_keys
+
+    return {**APP_CONFIG, **{section: {name: "" for name in names} for section, names in run_config_keys().items()}}
+
+
 def app_pyproject() -> str:
     """The pyproject.toml of the Flower app (FAB) that ``flwr run`` uploads.
 
@@ -274,7 +342,7 @@ def app_pyproject() -> str:
         "project": {"name": "stamen", "version": version("stamen"),
                     "description": metadata("stamen")["Summary"] or "Stamen", "dependencies": deps},
         "tool": {"flwr": {"app": {"publisher": APP_PUBLISHER, "components": APP_COMPONENTS,
-                                  "config": APP_CONFIG}}},
+                                  "config": app_config()}}},
     })
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,20 @@ from stamen.tasks.task import Task, load_task, set_weights
 
 log = logging.getLogger("stamen.server")
 
+#: set by :func:`request_stop` (the CLI's Ctrl-C handler): the loop stops before its next round, the
+#: last complete round's checkpoint intact. A process-wide flag, as the signal it answers is.
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask every running federation loop of this process to stop before its next round."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
 #: config keys that may differ between a run and its resumption
 RESUMABLE_CHANGES = {("run", "rounds"), ("run", "name"), ("run", "out_dir")}
 
@@ -44,20 +59,51 @@ def resume_fingerprint(cfg: StamenConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def discover_nodes(grid, expected: int, timeout: float) -> tuple[dict[int, int], dict[int, int]]:
+#: the longest the server waits for the run's nodes to join and answer discovery, whatever the round timeout
+JOIN_TIMEOUT_S = 300.0
+
+
+def discover_nodes(grid, expected: int, timeout: float, *, join_timeout: float = JOIN_TIMEOUT_S,
+                   warn_every: float = 30.0) -> tuple[dict[int, int], dict[int, int]]:
     """Wait for ``expected`` nodes, ask each its partition-id and size; return
-    ({partition-id: node-id}, {partition-id: number of examples it reported})."""
-    deadline = time.monotonic() + timeout
+    ({partition-id: node-id}, {partition-id: number of examples it reported}).
+
+    The wait is bounded by ``min(timeout, join_timeout)`` (5 minutes by default, whatever the
+    round timeout): fewer nodes than the run expects is a configuration error, reported with
+    what to fix — a warning after 10 s and every ``warn_every`` seconds while waiting (in a
+    deployment they show in ``flwr log``), then a TimeoutError.
+    A grid that hosts clients on a few SuperNodes says how many of those have joined
+    (``join_status()``, server/app.py); the in-process grid, which holds every partition in the
+    server's own process, answers in one call (``describe_partitions()``).
+    """
+    describe = getattr(grid, "describe_partitions", None)
+    if callable(describe):  # the in-process grid hosts every partition itself: one call, not N queries
+        return describe()
+    wait = min(timeout, join_timeout)
+    start = time.monotonic()
+    next_warning = start + min(10.0, warn_every)  # the first one early: a missing node is likely a mistake
+
+    def shortfall(connected: int) -> str:
+        status = getattr(grid, "join_status", None)
+        if callable(status):
+            return status()
+        return (f"{connected} of federation.clients={expected} nodes connected (one SuperNode per client): start "
+                f"the missing SuperNodes (node config partition-id=0..{expected - 1}), or set "
+                f"federation.clients={connected}")
+
     while len(ids := list(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(ids)} of federation.clients={expected} nodes connected "
-                               f"within {timeout:.0f} s")
+        now = time.monotonic()
+        if now - start > wait:
+            raise TimeoutError(f"the run did not start: after {wait:.0f} s, {shortfall(len(ids))}")
+        if now >= next_warning:
+            log.warning("waiting for nodes (%.0f of at most %.0f s): %s", now - start, wait, shortfall(len(ids)))
+            next_warning = now + warn_every
         time.sleep(0.2)
     msgs = [Message(content=RecordDict({P.CONFIG: ConfigRecord({P.SCHEMA: P.SCHEMA_VERSION})}),
                     message_type=MessageType.QUERY, dst_node_id=nid) for nid in ids]
     nodes: dict[int, int] = {}
     sizes: dict[int, int] = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
+    for reply in grid.send_and_receive(msgs, timeout=max(1.0, wait - (time.monotonic() - start))):
         node = reply.metadata.src_node_id
         if reply.has_error():
             raise RuntimeError(f"node {node} did not answer Stamen's discovery query ({reply.error.reason}): is it "
@@ -78,7 +124,9 @@ def discover_nodes(grid, expected: int, timeout: float) -> tuple[dict[int, int],
         nodes[pid], sizes[pid] = node, int(size)
     missing = sorted(set(range(expected)) - set(nodes))
     if missing:
-        raise RuntimeError(f"no node reported partition-ids {missing[:10]} (federation.clients={expected})")
+        raise RuntimeError(f"no node reported partition-ids {missing[:10]} (federation.clients={expected}): "
+                           + (f"{len(ids) - len(nodes)} node(s) did not answer the discovery query within the wait"
+                              if len(nodes) < len(ids) else "start each SuperNode with its own partition-id"))
     return nodes, sizes
 
 
@@ -147,6 +195,10 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
     current = P.to_array_record(arrays)
     stopped = None
     for rnd in range(start, cfg.run.rounds + 1):
+        if _STOP.is_set():
+            stopped = f"interrupted before round {rnd}: rounds 1..{rnd - 1} are complete and checkpointed"
+            log.warning("stopping: %s", stopped)
+            break
         stopped = pipeline.stop_reason(rnd)
         if stopped:
             log.warning("stopping before round %d: %s", rnd, stopped)
@@ -193,7 +245,8 @@ def run_federation(grid, cfg: StamenConfig, out_dir: str | Path, *, resume: bool
     if stopped:
         summary["stopped"] = stopped
     run.write_summary(summary)
-    write_plots(run)
+    if not _STOP.is_set():  # an interrupted run's plots come with its resumption (they take seconds)
+        write_plots(run)
     return summary
 
 

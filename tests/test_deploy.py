@@ -106,9 +106,14 @@ def test_flwr_connection_config_is_what_flower_parses(tmp_path):
 
 
 def test_generated_app_matches_the_repository_app():
+    from stamen.flwr_config import pyproject_block
+
     repo = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     gen = tomllib.loads(spec.app_pyproject())
-    assert gen["tool"]["flwr"]["app"] == repo
+    app = gen["tool"]["flwr"]["app"]
+    assert {k: app[k] for k in ("publisher", "components")} == {k: repo[k] for k in ("publisher", "components")}
+    # every Stamen key declared, as the repository declares them (tests/test_flwr_config.py checks that file)
+    assert app["config"] == tomllib.loads(pyproject_block())["tool"]["flwr"]["app"]["config"]
     assert gen["project"]["name"] == "stamen"
 
 
@@ -460,6 +465,341 @@ def test_process_group_kills_detached_grandchildren(tmp_path):
     assert tagged_pids(group.tag) == []
 
 
+# -- deployment at simulation speed: pacing, warm ClientApps, sealed messages, carriers ------------
+def test_backoff_polls_quickly_after_activity_and_settles_at_its_maximum():
+    from stamen.deploy.pacing import Backoff
+
+    b = Backoff(0.05, 3.0, 1.5)
+    waits = [b.next() for _ in range(15)]
+    assert waits[0] == 0.05 and waits[1] == pytest.approx(0.075) and waits[-1] == 3.0
+    assert all(a <= c for a, c in zip(waits, waits[1:]))
+    b.reset()
+    assert b.next() == 0.05
+    # the per-node cost of a quiet gap: ~8 polls in the first 2 s, then one per 3 s like Flower
+    assert 6 <= b.polls_within(2.0) <= 9
+    assert b.polls_within(60.0) - b.polls_within(30.0) == pytest.approx(10, abs=1)
+    with pytest.raises(ValueError):
+        Backoff(0.5, 0.1)
+
+
+def test_supernode_pacing_replaces_exactly_flowers_two_sleeps():
+    import flwr.supernode.start_client_internal as sci
+
+    from stamen.deploy import pacing
+
+    saved = (sci.time, sci._pull_and_store_message, sci.pull_objects)
+    try:
+        clock = pacing.SuperNodeClock(pacing.Backoff(0.01, 0.02), reply_check_s=0.01)
+        pacing.install_supernode_pacing(clock)
+        assert sci.time is clock and sci._pull_and_store_message.__wrapped__ is saved[1]
+        t = time.perf_counter()
+        sci.time.sleep(pacing.FLOWER_IDLE_SLEEP_S)  # Flower's 3 s idle wait: now the backoff's 0.01 s
+        sci.time.sleep(pacing.FLOWER_REPLY_SLEEP_S)  # waiting for the ClientApp: at most reply_check_s
+        assert time.perf_counter() - t < 1.0 and clock.idle_polls == 1
+        clock.reply_ready.set()
+        sci.time.sleep(pacing.FLOWER_REPLY_SLEEP_S)
+        assert not clock.reply_ready.is_set()  # consumed
+        assert sci.time.monotonic() > 0  # everything else is the real time module
+        assert sci.pull_objects.__wrapped__ is saved[2]
+    finally:
+        sci.time, sci._pull_and_store_message, sci.pull_objects = saved
+
+
+def test_a_task_whose_message_never_arrived_is_finished_not_served(task_identity):
+    """Flower 1.39 leaves a task behind when a run stops while its message is received (the pull fails
+    with a BaseException that skips the clean-up); the paced SuperNode finishes it, even if a runner has
+    claimed it already, and removes the message, so nothing waits for objects that never come."""
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import Status
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import NodeStateFactory
+
+    from stamen.deploy.pacing import _drop_orphaned_tasks, _task_ids
+
+    factory = ObjectStoreFactory()
+    state = NodeStateFactory(objectstore_factory=factory).state()
+    live = state.create_task(task_type=TaskType.CLIENT_APP, run_id=5, fab_hash="f")  # before the pull: kept
+    before = _task_ids(state)
+    orphan = state.create_task(task_type=TaskType.CLIENT_APP, run_id=7, fab_hash="f")
+    token = state.claim_task(orphan)  # a runner got to it first
+    msg = Message(RecordDict(), 1, "train")
+    msg.metadata.__dict__["_run_id"] = 7
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    state.store_message(msg)
+    _drop_orphaned_tasks(state, factory.store(), before)
+    (task,) = state.get_tasks(task_ids=[orphan])
+    assert task.status.status == Status.FINISHED and state.get_task_by_token(token) is None
+    assert state.get_messages(run_ids=[7], is_reply=False) == []
+    assert state.get_tasks(task_ids=[live])[0].status.status == Status.PENDING
+
+
+def test_a_task_that_is_gone_does_not_stop_the_supernode():
+    """Flower's task heartbeat and its HTTP retries SIGINT the process when a task's token is rejected (that
+    ends a one-task ClientApp process); the runner lives inside a SuperNode, so its calls must not."""
+    import httpx
+
+    from stamen.deploy.clientapp import _task_heartbeat
+
+    class Client:
+        def __init__(self, outcome):
+            self.outcome = outcome
+
+        def SendTaskHeartbeat(self, request):  # noqa: N802 (Flower's name)
+            if isinstance(self.outcome, Exception):
+                raise self.outcome
+            return type("Res", (), {"success": self.outcome})()
+
+    def status(code):
+        request = httpx.Request("POST", "http://x")
+        return httpx.HTTPStatusError("x", request=request, response=httpx.Response(code, request=request))
+
+    from stamen.deploy.clientapp import _retry_invoker
+
+    # a revoked token (401) or a stopped run (403) fails that call, as any error: no SIGINT, no BaseException
+    for code in (401, 403, 404):
+        with pytest.raises(httpx.HTTPStatusError):
+            _retry_invoker().invoke(lambda: (_ for _ in ()).throw(status(code)))
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise status(503)
+        return "ok"
+
+    assert _retry_invoker().invoke(flaky) == "ok" and len(calls) == 3  # 503: retried
+
+    assert _task_heartbeat(Client(True))() is True
+    assert _task_heartbeat(Client(False))() is True  # rejected: no signal, nothing to retry
+    assert _task_heartbeat(Client(status(401)))() is True
+    assert _task_heartbeat(Client(status(503)))() is False  # retried
+    assert _task_heartbeat(Client(httpx.ConnectError("down")))() is False
+
+
+def test_sealed_contents_round_trip_and_malformed_ones_are_refused():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from stamen.deploy import envelope
+
+    rd = RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))}),
+                     "config": ConfigRecord({"round": 3, "codec": "topk", "blob": b"\x00\x01"}),
+                     "metrics": MetricRecord({"loss": 0.25})})
+    sealed = envelope.seal(rd)
+    assert envelope.is_sealed(sealed) and list(sealed.keys()) == [envelope.SEALED]
+    back = envelope.unseal(sealed)
+    assert (back["arrays"]["w"].numpy() == rd["arrays"]["w"].numpy()).all()
+    assert dict(back["config"]) == dict(rd["config"]) and dict(back["metrics"]) == dict(rd["metrics"])
+    bad = RecordDict({envelope.SEALED: ArrayRecord({"content": Array(dtype="uint8", shape=(3,),
+                                                                     stype="stamen.recorddict-proto", data=b"\xff\xff\xff")})})
+    with pytest.raises(envelope.SealError, match="does not parse"):
+        envelope.unseal(bad)
+    with pytest.raises(envelope.SealError):
+        envelope.unseal(RecordDict({envelope.SEALED: ConfigRecord({"x": 1})}))
+    asked = RecordDict({**rd, envelope.WANTS_SEALED: envelope.seal_request()})
+    assert envelope.wants_sealed(asked) and list(envelope.without_request(asked).keys()) == list(rd.keys())
+
+
+def test_runner_frames_carry_json_and_raw_bytes():
+    from stamen.deploy.clientapp import pack_frame, unpack_frame
+
+    header, blobs = unpack_frame(pack_frame({"kind": "task", "n": 1}, {"a": b"\x00" * 5, "obj:x": b"xyz"}))
+    assert header == {"kind": "task", "n": 1} and blobs == {"a": b"\x00" * 5, "obj:x": b"xyz"}
+    with pytest.raises(ValueError):
+        unpack_frame(pack_frame({"k": 1}, {"a": b"12"}) + b"junk")
+
+
+def test_zygote_forks_ready_workers_in_the_requesters_environment(tmp_path):
+    from stamen.deploy.clientapp import _pid_alive, pack_frame, request_worker, unpack_frame
+
+    path = str(tmp_path / "z.sock")
+    z = subprocess.Popen([sys.executable, "-m", "stamen.deploy.clientapp", "zygote", "--socket", path,
+                          "--preload", "json", "--parent-pid", str(os.getpid())])
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(path):
+            assert z.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        workers = [request_worker(path) for _ in range(2)]
+        for pid, conn in workers:
+            header, _ = unpack_frame(conn.recv_bytes())
+            assert header["kind"] == "ready" and header["pid"] == pid and _pid_alive(pid)
+            assert Path(f"/proc/{pid}/comm").read_text().strip() == "stamen-worker"
+        assert workers[0][0] != workers[1][0]
+        pid, conn = workers[0]
+        conn.send_bytes(pack_frame({"kind": "stop"}))
+        deadline = time.time() + 10
+        while _pid_alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(pid)
+        pid, conn = workers[1]
+        conn.close()  # the runner is gone: the worker leaves
+        deadline = time.time() + 10
+        while _pid_alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(pid)
+    finally:
+        z.terminate()
+        z.wait(timeout=10)
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the run and node of the current process; fake one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+class _FakeGrid:
+    """Just enough of Flower's HttpGrid: push/pull with ids; nodes answer with ``answer(msg)``."""
+
+    def __init__(self, node_ids, answer):
+        self.node_ids, self.answer = list(node_ids), answer
+        self.pushed: list = []
+        self._replies: list = []
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id
+            self.pushed.append(m)
+            ids.append(m.metadata.message_id)
+            reply = self.answer(m)
+            if reply is not None:
+                reply.metadata.__dict__["_message_id"] = reply.object_id
+                self._replies.append(reply)
+        return ids
+
+    def pull_messages(self, ids):
+        out = [r for r in self._replies if r.metadata.reply_to_message_id in ids]
+        self._replies = [r for r in self._replies if r not in out]
+        return out
+
+
+def _discovery_answer(partition_of):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from stamen import schema as S
+    from stamen.deploy import envelope
+
+    def answer(msg):
+        content = msg.content
+        sealed_in = envelope.is_sealed(content)
+        if sealed_in:
+            content = envelope.unseal(content)
+        reply = RecordDict({S.META: ConfigRecord({S.PARTITION_ID: partition_of[msg.metadata.dst_node_id],
+                                                  S.SCHEMA: S.SCHEMA_VERSION}),
+                            S.METRICS: MetricRecord({S.NUM_EXAMPLES: 10})})
+        if sealed_in or envelope.wants_sealed(content):
+            reply = envelope.seal(reply)
+        r = Message(reply, reply_to=msg)
+        r.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+        return r
+
+    return answer
+
+
+def test_reply_polling_asks_for_sealed_replies_then_seals_what_it_sends(task_identity):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from stamen import schema as S
+    from stamen.deploy import envelope
+    from stamen.server.app import ReplyPolling
+
+    grid = _FakeGrid([11, 12], _discovery_answer({11: 0, 12: 1}))
+    rp = ReplyPolling(grid)
+
+    def query(node):
+        return Message(RecordDict({S.CONFIG: ConfigRecord({S.SCHEMA: S.SCHEMA_VERSION})}), node, MessageType.QUERY)
+
+    sent = [query(11), query(12)]
+    replies = rp.send_and_receive(sent, timeout=5)
+    assert [envelope.wants_sealed(m.content) for m in grid.pushed] == [True, True]  # asked, not sealed yet
+    assert sorted(r.content[S.META][S.PARTITION_ID] for r in replies) == [0, 1]  # unsealed on arrival
+    assert {r.metadata.reply_to_message_id for r in replies} == {m.metadata.message_id for m in sent}
+    assert rp.sealing_nodes == {11, 12}
+    rp.send_and_receive([query(11), query(12)], timeout=5)
+    assert all(envelope.is_sealed(m.content) for m in grid.pushed[2:])  # now sealed
+    # a large record shared by many messages (a broadcast) stays a Flower object: uploaded once
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    weights = ArrayRecord({"w": Array(np.zeros(envelope.MAX_DUPLICATED_BYTES // 4, dtype=np.float32))})
+    msgs = [Message(RecordDict({"arrays": weights, S.CONFIG: ConfigRecord({S.SCHEMA: S.SCHEMA_VERSION})}), n,
+                    MessageType.QUERY) for n in (11, 12)]
+    rp.send_and_receive(msgs, timeout=5)
+    assert not any(envelope.is_sealed(m.content) for m in grid.pushed[4:])
+    assert all(m.content["arrays"] is weights for m in grid.pushed[4:])
+
+
+def test_deployed_carriers_map_partitions_to_supernodes_by_their_partition_id(task_identity):
+    from stamen.server.app import DeployedCarriers, ReplyPolling
+
+    cfg = C.load(ROOT / "stamen/configs/default.toml", ["federation.clients=8", "federation.sim_nodes=3",
+                                                        "federation.round_timeout_s=5"])
+    assert spec.deployed_supernodes(cfg) == 3
+    grid = _FakeGrid([501, 502], _discovery_answer({501: 2, 502: 0, 503: 1}))
+    carriers = DeployedCarriers(ReplyPolling(grid), cfg, 3)
+    assert carriers.get_node_ids() == []  # 2 of 3 connected
+    assert "2 of 3 SuperNodes connected" in carriers.join_status() and "supernodes=3" in carriers.join_status()
+    grid.node_ids.append(503)
+    assert len(carriers.get_node_ids()) == 8  # one virtual node per client
+    assert carriers._carriers == [502, 503, 501]  # carrier k = the SuperNode with partition-id k
+    grid2 = _FakeGrid([1, 2, 3], _discovery_answer({1: 0, 2: 0, 3: 1}))
+    with pytest.raises(RuntimeError, match="partition-id=0, like SuperNode"):
+        DeployedCarriers(ReplyPolling(grid2), cfg, 3).get_node_ids()
+    grid3 = _FakeGrid([1, 2, 3, 4], _discovery_answer({}))
+    with pytest.raises(RuntimeError, match="4 SuperNodes are connected, but this run expects 3"):
+        DeployedCarriers(ReplyPolling(grid3), cfg, 3).get_node_ids()
+
+
+def test_too_few_nodes_is_a_bounded_wait_that_says_what_to_fix(caplog, task_identity):
+    from stamen.server.loop import discover_nodes
+
+    grid = _FakeGrid([1, 2], _discovery_answer({1: 0, 2: 1}))
+    t = time.monotonic()
+    with caplog.at_level("WARNING", logger="stamen.server"):
+        with pytest.raises(TimeoutError, match=r"2 of federation.clients=3 nodes connected.*set federation.clients=2"):
+            discover_nodes(grid, 3, timeout=3600, join_timeout=0.6, warn_every=0.2)
+    assert time.monotonic() - t < 5  # bounded by join_timeout, not the hour-long round timeout
+    assert any("waiting for nodes" in r.message for r in caplog.records)
+    from stamen.server.app import ReplyPolling
+
+    assert discover_nodes(ReplyPolling(grid), 2, timeout=3600, join_timeout=5) == ({0: 1, 1: 2}, {0: 10, 1: 10})
+
+
+def test_deploy_local_layout_spreads_clients_over_supernodes():
+    from stamen.config import ConfigError
+    from stamen.deploy.cli import local_layout
+
+    cfg = _default_cfg()
+    assert local_layout(cfg, None, None) == 4 and cfg.federation.sim_nodes == 4 and cfg.federation.clients == 20
+    assert spec.deployed_supernodes(cfg) == 4
+    cfg = _default_cfg()
+    assert local_layout(cfg, 20, None) == 20 and spec.deployed_supernodes(cfg) == 20  # one per client
+    cfg = _default_cfg()
+    assert local_layout(cfg, None, 3) == 3 and spec.deployed_supernodes(cfg) == 3
+    with pytest.raises(ConfigError, match="more SuperNodes than federation.clients"):
+        local_layout(_default_cfg(), 30, None)
+    cfg = _default_cfg("federation.virtual_clients=false")
+    with pytest.raises(ConfigError, match="one SuperNode per client"):
+        local_layout(cfg, 4, None)
+    assert spec.node_config(1, 20, 4) == "partition-id=1 num-partitions=20 supernodes=4"
+    assert spec.node_config(1, 4, 4) == "partition-id=1 num-partitions=4"
+
+
+def _default_cfg(*overrides):
+    return C.load(ROOT / "stamen/configs/default.toml", list(overrides))
+
+
 # -- real federations ------------------------------------------------------------------------
 def _cfg(*overrides):
     return C.load(ROOT / "stamen/configs/default.toml", BASE + list(overrides))
@@ -483,13 +823,23 @@ def test_fedavg_and_compressed_runs_over_tls_with_wire_bytes(federation, tmp_pat
     assert "--enable-supernode-auth" in superlink_cmd and "--insecure" not in superlink_cmd
     idle = fed.idle_rate(6.0)
     results, tables = {}, {}
+    served_before = {i: len(fed.clientapp_pids_served(i)) for i in range(NODES)}
     for name, extra in (("dense", []), ("topk", COMPRESSED)):
         res = fed.run(_cfg(*extra, f"run.name='deploy-{name}'"), tmp_path / name, timeout=1200)
         assert res.ok, res.log[-3000:]
         assert [r["round"] for r in res.rows] == [1, 2]
         assert all(r["clients"] == NODES and r["rejected"] == 0 for r in res.rows)
         assert (res.out_dir / "metrics.jsonl").exists() and (res.out_dir / "summary.json").exists()
+        # every round is in the run's log stream (`flwr run --stream`, `flwr log`); results where we said
+        for r in (1, 2):
+            assert f"[stamen] round {r}/2: {NODES} replies" in res.log, res.log[-3000:]
+        assert f"results in {tmp_path / name}" in res.log
         results[name], tables[name] = res, fed.wire_bytes_per_round(res)
+    # warm ClientApps: one process per SuperNode served every train message of both runs, and waits for more
+    for i in range(NODES):
+        served = fed.clientapp_pids_served(i)[served_before[i]:]
+        assert len(served) == 4 and len(set(served)) == 1, (i, served)
+        assert fed.clientapp_pids(i) == served[:1]
 
     for name, table in tables.items():
         for row in table:
@@ -579,7 +929,10 @@ def test_killed_supernode_run_finishes_and_the_node_rejoins(federation, tmp_path
     that starts after it is back has all 3 replies."""
     fed = federation
     timeout_s = 120
-    cfg = _cfg("run.rounds=4", f"federation.round_timeout_s={timeout_s}", "run.name='deploy-fault'")
+    # rounds take ~1-2 s with warm ClientApps, the rejoin ~a minute (the SuperLink must first see the node
+    # offline): enough rounds that some start after it is back
+    rounds = 24
+    cfg = _cfg(f"run.rounds={rounds}", f"federation.round_timeout_s={timeout_s}", "run.name='deploy-fault'")
     received = fed.log_count("supernode-1", "Receiving: train message")
     handle = fed.submit(cfg, tmp_path / "fault")
     fed.wait_log_count("supernode-1", "Receiving: train message", received + 2, timeout=900)
@@ -601,7 +954,7 @@ def test_killed_supernode_run_finishes_and_the_node_rejoins(federation, tmp_path
     assert not rejoin_error, rejoin_error
     assert res.ok, res.log[-3000:]
     rows, starts = res.rows, [w[0] for w in res.round_windows()]
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     assert rows[0]["clients"] == NODES
     r2 = rows[1]
     assert r2["clients"] == NODES - 1 and r2["missing"] + r2["rejected"] == 1, r2
@@ -617,6 +970,115 @@ def test_killed_supernode_run_finishes_and_the_node_rejoins(federation, tmp_path
                       "round_starts_s_after_start": [t0 - res.started_at for t0 in starts]})
 
 
+@pytest.mark.slow
+def test_killed_clientapp_mid_round_is_answered_at_once_and_restarted(federation, tmp_path):
+    """kill -9 SuperNode 1's ClientApp while it trains in round 2: the runner answers that message with an
+    error reply at once (round 2 closes with 2 replies, nothing missing: no waiting for a timeout), starts a
+    new ClientApp process, and that one serves round 3."""
+    fed = federation
+    cfg = _cfg("run.rounds=3", "task.local_epochs=50", "federation.round_timeout_s=300", "run.name='deploy-kill'")
+    received = fed.log_count("supernode-1", "Receiving: train")
+    served_before = len(fed.clientapp_pids_served(1))
+    handle = fed.submit(cfg, tmp_path / "kill")
+    fed.wait_log_count("supernode-1", "Receiving: train", received + 2, timeout=600)  # round 2's message is in
+    deadline = time.time() + 60
+    while len(fed.clientapp_pids_served(1)) < served_before + 1 and time.time() < deadline:
+        time.sleep(0.05)  # round 1 served; round 2 is being served now
+    time.sleep(0.5)
+    killed = fed.kill_clientapp(1)
+    assert len(killed) == 1
+    res = handle.wait(timeout=900)
+    assert res.ok, res.log[-3000:]
+    r1, r2, r3 = res.rows
+    assert r1["clients"] == NODES
+    assert r2["clients"] == NODES - 1 and r2["rejected"] == 1 and r2["missing"] == 0, r2  # answered, not timed out
+    assert r3["clients"] == NODES
+    log = fed.procs.started["supernode-1"].log.read_text()
+    assert f"ClientApp process {killed[0]} died while handling train" in log
+    served = fed.clientapp_pids_served(1)[served_before:]
+    assert served[0] == killed[0] and len(served) == 2 and served[1] != killed[0], served  # round 3: a new process
+    assert fed.clientapp_pids(1) == [served[1]]
+
+
+@pytest.mark.slow
+def test_too_few_supernodes_is_reported_in_the_run_log(federation, tmp_path):
+    """A run that expects more SuperNodes than are connected says so in its log within seconds, with the
+    fix, instead of waiting silently (and gives up after a bounded wait, minutes, not the round timeout)."""
+    fed = federation
+    handle = fed.submit(_cfg(f"federation.clients={NODES + 1}", "run.name='deploy-short'"), tmp_path / "short",
+                        check=False)
+    try:
+        deadline = time.time() + 300
+        while "waiting for nodes" not in handle.log and time.time() < deadline and handle.popen.poll() is None:
+            time.sleep(0.5)
+        assert "waiting for nodes" in handle.log, handle.log[-3000:]
+        assert f"{NODES} of federation.clients={NODES + 1} nodes connected" in handle.log
+        assert f"set federation.clients={NODES}" in handle.log
+    finally:
+        handle.stop()
+
+
+def _metrics(rows):
+    return [(r["round"], r["clients"], r["test_accuracy"], r["test_loss"], r["train_loss"]) for r in rows]
+
+
+def _wait_rows(handle, n, timeout=600):
+    deadline = time.time() + timeout
+    while handle.poll_rows() < n:
+        assert time.time() < deadline and handle.popen.poll() is None, handle.log[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_supernodes_hosting_several_clients_resume_after_the_serverapp_or_superlink_is_killed(tmp_path,
+                                                                                             task_identity):
+    """8 clients on 4 SuperNodes (2 each, one message per SuperNode per round). A run whose ServerApp is
+    killed (-9) after round 2, and one whose SuperLink is killed (-9) after round 2, each continue from the
+    checkpoint (`--resume`; the SuperLink case on a new federation) and end with exactly the metrics of an
+    uninterrupted run with the same seed — the same code run in-process (one node per client), so the
+    deployment equals the simulation too."""
+    from stamen.deploy.local import LocalFederation
+    from stamen.server.inprocess_grid import InProcessGrid
+    from stamen.server.loop import run_federation
+
+    cfg = _cfg("federation.clients=8", "federation.sim_nodes=4", "run.rounds=4", "task.hidden=128",
+               "run.name='deploy-resume'")
+    run_federation(InProcessGrid(cfg), cfg, tmp_path / "ref")
+    ref_rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in ref_rows] == [8] * 4
+    with LocalFederation(4, tmp_path / "fed-a", clients=8) as fed:
+        # the ServerApp dies: resubmit the same config to the same directory with resume
+        h = fed.submit(cfg, tmp_path / "serverapp")
+        _wait_rows(h, 2)
+        pids = fed.serverapp_pids()
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        h.stop()
+        with pytest.raises(Exception, match="already holds a run"):
+            fed.submit(cfg, tmp_path / "serverapp")
+        res = fed.submit(cfg, tmp_path / "serverapp", resume=True).wait(timeout=900)
+        assert res.ok, res.log[-3000:]
+        assert "resuming from its checkpoint" in res.log
+        assert _metrics(res.rows) == _metrics(ref_rows)
+        # the SuperLink dies: everything it ran is gone
+        h = fed.submit(cfg, tmp_path / "superlink")
+        _wait_rows(h, 2)
+        fed.kill_superlink()
+        fed.procs.stop(h.name)
+        assert fed.serverapp_pids() == []
+    assert fed.procs.leftovers() == []
+    with LocalFederation(4, tmp_path / "fed-b", clients=8) as fed:
+        res = fed.submit(cfg, tmp_path / "superlink", resume=True).wait(timeout=900)
+        assert res.ok, res.log[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / "superlink" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2, 3, 4]
+        assert _metrics(rows) == _metrics(ref_rows)
+        summary = json.loads((tmp_path / "superlink" / "summary.json").read_text())
+        assert summary["final_test_accuracy"] == ref_rows[-1]["test_accuracy"]
+    assert fed.procs.leftovers() == []
+
+
 # -- several hosts: network namespaces ---------------------------------------------------------
 @pytest.mark.slow
 def test_federation_across_network_namespaces(tmp_path):
@@ -628,7 +1090,8 @@ def test_federation_across_network_namespaces(tmp_path):
     if reason:
         pytest.skip(f"network namespaces unavailable: {reason}")
     with NetnsTopology(NODES) as topo:
-        # isolation="process": a separate SuperExec per SuperLink/SuperNode, the compose/k8s topology
+        # isolation="process": the compose/k8s topology — a SuperExec next to the SuperLink, and next to each
+        # SuperNode Stamen's ClientApp runner as a process of its own (it polls the SuperNode's Runtime API)
         fed = LocalFederation(NODES, tmp_path / "fed", placement=topo.placement(), isolation="process")
         with fed:
             inode = lambda name: os.stat(f"/proc/{fed.procs.started[name].popen.pid}/ns/net").st_ino
@@ -637,6 +1100,9 @@ def test_federation_across_network_namespaces(tmp_path):
             res = fed.run(_cfg("run.name='deploy-netns'"), tmp_path / "out", timeout=1200)
             assert res.ok, res.log[-3000:]
             assert all(r["clients"] == NODES for r in res.rows)
+            for i in range(NODES):  # served by the runner process beside each SuperNode, one warm ClientApp
+                served = fed.clientapp_pids_served(i)
+                assert len(served) == len(res.rows) and len(set(served)) == 1, served
             # each SuperNode dialled the SuperLink's address on its own link
             for i in range(NODES):
                 assert f"--superlink {topo.superlink_ip(i)}:{fed.fleet_port}" in shlex.join(
@@ -669,10 +1135,12 @@ def test_stamen_deploy_local_runs_to_completion_and_cleans_up_on_ctrl_c(tmp_path
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "TLS + node authentication" in r.stdout
+    assert "20 clients on 2 SuperNodes" in r.stdout  # the default job's 20 clients, hosted 10 per SuperNode
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["clients"] == 2
+    assert len(rows) == 1 and rows[0]["clients"] == 20
     dep = json.loads((out / "deployment.json").read_text())
     assert dep["status"] == "finished:completed" and dep["tls"] and dep["node_auth"]
+    assert dep["supernodes"] == 2 and dep["clients"] == 20 and dep["clientapps"] == "warm"
     assert _deploy_tags() <= before
 
     # Ctrl-C while the federation runs: exit 130, nothing left behind
