@@ -15,6 +15,13 @@ A train message goes through the same stages whatever the strategy:
 5. the codec named by ``codec`` encodes Δ (payload-space privacy after it);
 6. the reply echoes the instruction's identity entries, so the server can bind it to what it sent.
 
+The stages are three functions so that a process hosting many clients (client/virtual.py,
+server/inprocess_grid.py) can batch only the training: :func:`prepare_train` (1, 2 and the
+client's faults: injected failure, straggler delay, flipped labels), the training stage
+(:func:`train_local` for one client, :func:`train_many` for several: one vectorised
+computation, client/cohort.py) and :func:`finish_train` (Δ and a Byzantine client's corruption,
+4, 5, 6). Every stage but training stays per client and unchanged.
+
 One ClientApp serves simulation and deployment. Its run config comes either by closure
 (:func:`make_client_app`, used by ``stamen run``) or, under ``flwr run`` / SuperNodes,
 from Flower's ``context.run_config`` (flattened ``section.key`` entries). The partition a
@@ -37,6 +44,8 @@ from flwr.clientapp import ClientApp
 from stamen import schema as S
 from stamen.client.faults import before_training, byzantine_partitions, corrupt_update, flip_labels
 from stamen.client.privacy_hooks import apply_client_privacy, apply_payload_privacy
+from stamen.schema.secagg import BITS as SECAGG_BITS
+from stamen.client.cohort import LocalJob, LocalOutcome, train_clients, vectorise_enabled
 from stamen.client.trainers import TrainJob, TrainSettings, get_trainer, load_client_plugins
 from stamen.config import StamenConfig, from_flat
 from stamen.core import derive_seed
@@ -117,8 +126,37 @@ DOWNLINKS: dict[str, Callable[[RecordDict, TrainJob], dict[str, np.ndarray]]] = 
 QUERIES: dict[str, Callable[[StamenConfig, Message, Context], RecordDict]] = {}
 
 
-def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
-    """The client pipeline for a train message (module docstring)."""
+def handle_train(cfg: StamenConfig, msg: Message, context: Context, *, vectorise: bool | None = None) -> Message:
+    """The client pipeline for a train message (module docstring). Even one client trains through
+    the vectorised stage (a stack of one) unless vectorisation is off, so that a client's floats
+    are the same whether its SuperNode serves it alone or a carrier trains it with others."""
+    request = prepare_train(cfg, msg, context)
+    (outcome,) = train_many(cfg, [request], vectorise=vectorise)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return finish_train(request, outcome)
+
+
+@dataclass
+class TrainRequest:
+    """One client's train message between the per-client stages and the training stage."""
+
+    cfg: StamenConfig
+    msg: Message
+    context: Context
+    worker: _Worker
+    config: dict
+    byzantine: bool
+    local: LocalJob  # what the training stage needs (client/cohort.py trains many of these at once)
+
+    @property
+    def job(self) -> TrainJob:
+        return self.local.job
+
+
+def prepare_train(cfg: StamenConfig, msg: Message, context: Context) -> TrainRequest:
+    """The stages before training: check the instruction, decode the downlink, then the client's
+    faults (an injected failure raises, a straggler sleeps, a label-flipping client's labels flip)."""
     w = _worker(cfg)
     pid = _partition_id(context)
     config = _instruction(msg, pid)
@@ -129,35 +167,7 @@ def handle_train(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     job = TrainJob(options=config, state=context.state, task=w.task, partition_id=pid,
                    server_round=server_round, seed=cfg.run.seed)
     global_weights = _downlink(msg.content, config, job)
-    delta, n, train_loss, steps = _train(cfg, w, config, job, global_weights)
-    delta = apply_client_privacy(delta, config, _privacy_generator(cfg, config, job), w.task.layout.numels, job.metrics)
-    codec, payload = _encode(cfg, config, context, delta, job)
-    metrics = {S.NUM_EXAMPLES: n, "train_loss": train_loss, "local_steps": steps, **job.metrics}
-    return Message(content=T.train_reply(payload, metrics, codec.name, config), reply_to=msg)
-
-
-def _instruction(msg: Message, pid: int) -> dict:
-    """The train instruction's config, checked against the schema and this node's partition."""
-    if S.CONFIG not in msg.content.config_records:
-        raise SchemaError("train message has no 'config' record: not a Stamen instruction")
-    config = dict(msg.content.config_records[S.CONFIG])
-    T.check_instruction(config, partition_id=pid)
-    return config
-
-
-def _downlink(content: RecordDict, config: dict, job: TrainJob) -> dict[str, np.ndarray]:
-    load_client_plugins()  # trainer modules also register downlinks and queries
-    downlink = config.get(T.DOWNLINK, "dense")
-    if downlink not in DOWNLINKS:
-        raise ValueError(f"unknown downlink {downlink!r}; known: {sorted(DOWNLINKS)}")
-    return DOWNLINKS[downlink](content, job)
-
-
-def _train(cfg: StamenConfig, w: _Worker, config: dict, job: TrainJob, global_weights: dict[str, np.ndarray]):
-    """Local training from the global weights: (Δ, examples, mean loss, optimizer steps)."""
-    pid, server_round = job.partition_id, job.server_round
     X, y = w.task.data.client(pid)
-    set_weights(w.model, global_weights)
     faults = cfg.faults
     faults_on = faults != type(faults)()
     byzantine = faults_on and pid in byzantine_partitions(cfg.run.seed, cfg.federation.clients,
@@ -168,13 +178,88 @@ def _train(cfg: StamenConfig, w: _Worker, config: dict, job: TrainJob, global_we
         y = flip_labels(y, w.task.data.num_classes)
     settings = TrainSettings.from_task(cfg.task, w.device, proximal_mu=float(config.get(T.PROXIMAL_MU, 0.0)))
     gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "batches", pid))
-    train_loss, steps = get_trainer(str(config.get(T.TRAINER, "sgd")))(w.model, X, y, settings, gen, job)
-    layout = w.task.layout
-    delta = layout.flatten(get_weights(w.model)) - layout.flatten(global_weights)
-    if byzantine:
+    local = LocalJob(weights=global_weights, X=X, y=y, settings=settings, generator=gen, job=job,
+                     trainer=str(config.get(T.TRAINER, "sgd")))
+    return TrainRequest(cfg, msg, context, w, config, bool(byzantine), local)
+
+
+def train_local(model: torch.nn.Module, local: LocalJob) -> LocalOutcome:
+    """The training stage of one client: the per-client loop, on ``model`` (the worker's)."""
+    set_weights(model, local.weights)
+    train_loss, steps = get_trainer(local.trainer)(model, local.X, local.y, local.settings, local.generator, local.job)
+    return LocalOutcome(get_weights(model), train_loss, steps)
+
+
+def finish_train(request: TrainRequest, outcome: LocalOutcome) -> Message:
+    """The stages after training: Δ (a Byzantine client's corruption), privacy, encode, reply."""
+    cfg, config, job = request.cfg, request.config, request.job
+    layout = job.task.layout
+    trained = outcome.flat if outcome.flat is not None and list(outcome.weights) == list(layout.names) else None
+    delta = (layout.flatten(outcome.weights) if trained is None else trained) - _flat_start(layout, request.local)
+    if request.byzantine:
+        faults = cfg.faults
         delta = corrupt_update(delta, faults.byzantine_attack, faults.byzantine_scale,
-                               torch.Generator().manual_seed(derive_seed(cfg.run.seed, server_round, "byzantine", pid)))
-    return delta, len(y), train_loss, steps
+                               torch.Generator().manual_seed(derive_seed(cfg.run.seed, job.server_round, "byzantine",
+                                                                         job.partition_id)))
+    delta = apply_client_privacy(delta, config, _privacy_generator(cfg, config, job), _numels(layout), job.metrics)
+    codec, payload = _encode(cfg, config, request.context, delta, job)
+    metrics = {S.NUM_EXAMPLES: len(request.local.y), "train_loss": outcome.train_loss, "local_steps": outcome.steps,
+               **job.metrics}
+    if SECAGG_BITS in config:  # secure aggregation: the payload travels masked, only the example count in the clear
+        from stamen.client.secagg import mask_payload
+
+        payload = mask_payload(payload, config, request.context)
+        metrics = {S.NUM_EXAMPLES: len(request.local.y)}
+    return Message(content=T.train_reply(payload, metrics, codec.name, config), reply_to=request.msg)
+
+
+_FLAT_START: list = [None, None]  # (weights dict, its flat vector): a pack's clients share one broadcast
+
+
+def _flat_start(layout, local: LocalJob) -> torch.Tensor:
+    """The flat weights a client started from (flattened once per shared downlink dict; not modified)."""
+    if _FLAT_START[0] is not local.weights:
+        _FLAT_START[:] = [local.weights, layout.flatten(local.weights)]
+    return _FLAT_START[1]
+
+
+_NUMELS: dict = {}
+
+
+def _numels(layout) -> tuple[int, ...]:
+    if layout not in _NUMELS:
+        _NUMELS.clear()
+        _NUMELS[layout] = layout.numels
+    return _NUMELS[layout]
+
+
+def train_many(cfg: StamenConfig, requests: list[TrainRequest], *, vectorise: bool | None = None
+               ) -> list[LocalOutcome | Exception]:
+    """The training stage of several clients of one worker: one vectorised computation where the
+    trainer and model allow (client/cohort.py), the loop otherwise."""
+    if not requests:
+        return []
+    on = vectorise_enabled(cfg) if vectorise is None else vectorise
+    model = requests[0].worker.model
+    return train_clients(model, [r.local for r in requests], lambda local: train_local(model, local), vectorise=on)
+
+
+def _instruction(msg: Message, pid: int) -> dict:
+    """The train instruction's config, checked against the schema and this node's partition."""
+    record = msg.content.get(S.CONFIG)
+    if not isinstance(record, ConfigRecord):
+        raise SchemaError("train message has no 'config' record: not a Stamen instruction")
+    config = dict(record)
+    T.check_instruction(config, partition_id=pid)
+    return config
+
+
+def _downlink(content: RecordDict, config: dict, job: TrainJob) -> dict[str, np.ndarray]:
+    load_client_plugins()  # trainer modules also register downlinks and queries
+    downlink = config.get(T.DOWNLINK, "dense")
+    if downlink not in DOWNLINKS:
+        raise ValueError(f"unknown downlink {downlink!r}; known: {sorted(DOWNLINKS)}")
+    return DOWNLINKS[downlink](content, job)
 
 
 def _privacy_generator(cfg: StamenConfig, config: dict, job: TrainJob) -> torch.Generator:
@@ -235,9 +320,9 @@ def handle_query(cfg: StamenConfig, msg: Message, context: Context) -> Message:
     if config.get(S.SCHEMA) != S.SCHEMA_VERSION:
         raise SchemaError(f"discovery query of schema {config.get(S.SCHEMA)!r}; this ClientApp speaks "
                           f"{S.SCHEMA_VERSION}: is the ServerApp a Stamen app of the same version?")
-    _, y = _worker(cfg).task.data.client(pid)
+    size = _worker(cfg).task.data.size(pid)  # on-demand partitions know their sizes without building the data
     return Message(content=RecordDict({S.META: ConfigRecord({S.PARTITION_ID: pid, S.SCHEMA: S.SCHEMA_VERSION}),
-                                       S.METRICS: MetricRecord({S.NUM_EXAMPLES: len(y)})}), reply_to=msg)
+                                       S.METRICS: MetricRecord({S.NUM_EXAMPLES: size})}), reply_to=msg)
 
 
 _CODECS: dict[str, Codec] = {}

@@ -9,6 +9,11 @@ state (a Flower ``RecordDict``), the task, the partition id and the round, and a
 trainer with the config entry ``trainer`` (default ``sgd``); plugins register theirs in
 :data:`TRAINERS`. Batches come from a private generator derived from
 (run seed, round, partition), so a run is reproducible whatever the scheduling.
+
+Many clients of one process train as one vectorised computation where their trainer has a
+vectorised form (client/cohort.py: ``sgd`` and ``adversarial``; a plugin trainer may carry its own
+as ``fn.stacked_loss``, a :class:`~stamen.client.cohort.StackedLoss` whose ``batches`` are this
+loop's); every other trainer runs this loop, one client at a time.
 """
 
 from __future__ import annotations

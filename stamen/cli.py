@@ -52,6 +52,10 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the config and the combination (the preflight), "
                                  "print what would run, start nothing."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and Flower's log."),
+    engine: str = typer.Option("simulation", "--engine", help="simulation (Flower's simulation engine on Ray: "
+                               "actors, GPUs, a Ray cluster) or inprocess (the same server loop and client code in "
+                               "this process, the cohort trained as one computation: the fastest start and the "
+                               "least memory on one machine; identical metrics)."),
 ) -> None:
     """Run one federation in simulation and write its results directory."""
     from stamen import config as C
@@ -78,6 +82,8 @@ def run(
             out_dir = out or default_out_dir(cfg)
             if (out_dir / "metrics.jsonl").exists():
                 raise C.ConfigError(f"{out_dir} already holds a run; use --resume {out_dir} or another --out")
+        if engine not in ("simulation", "inprocess"):
+            raise C.ConfigError(f"--engine must be simulation or inprocess, got {engine!r}")
         if log:
             check_tracker(log)
         preflight(cfg)
@@ -99,7 +105,7 @@ def run(
 
     with Progress(TextColumn("[bold blue]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[acc]}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
-        bar = progress.add_task("rounds", total=cfg.run.rounds, acc="starting Ray…")
+        bar = progress.add_task("rounds", total=cfg.run.rounds, acc="starting Ray…" if engine == "simulation" else "")
         if resume is not None:
             from stamen.server.results import RunDirectory
 
@@ -124,7 +130,14 @@ def run(
         hint = f"completed rounds are checkpointed in {out_dir}; continue with: stamen run --resume {out_dir}"
         with Interrupt(hint, on_first=request_stop) as interrupt:
             try:
-                summary = simulate(cfg, out_dir, resume=resume is not None, on_round=on_round, verbose=debug)
+                if engine == "simulation":
+                    summary = simulate(cfg, out_dir, resume=resume is not None, on_round=on_round, verbose=debug)
+                else:
+                    from stamen.server.inprocess_grid import InProcessGrid
+                    from stamen.server.loop import run_federation
+
+                    summary = run_federation(InProcessGrid(cfg), cfg, out_dir, resume=resume is not None,
+                                             on_round=on_round)
             except user_errors() as err:
                 if interrupt.interrupted:
                     interrupt.force()

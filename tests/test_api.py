@@ -47,6 +47,22 @@ def test_run_experiment_and_load_run(tmp_path):
         stamen.load_run(tmp_path)
 
 
+def test_stamen_run_engine_inprocess_is_the_api_run(tmp_path):
+    """`stamen run --engine inprocess` and the API's in-process run of the same config write the same rows."""
+    from typer.testing import CliRunner
+
+    from stamen.cli import app
+
+    args = [a for kv in TINY for a in ("--set", kv)]
+    result = CliRunner().invoke(app, ["run", *args, "--engine", "inprocess", "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    cli = stamen.load_run(tmp_path / "cli")
+    api = stamen.run_experiment(None, TINY, tmp_path / "api", engine="inprocess")
+    assert [{**r, "wall_s": 0} for r in cli.rows] == [{**r, "wall_s": 0} for r in api.rows]
+    bad = CliRunner().invoke(app, ["run", *args, "--engine", "ray", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--engine" in bad.output and not (tmp_path / "bad").exists()
+
+
 def test_the_round_pipeline_runs_under_flowers_own_loop():
     """A user's own ServerApp: the pipeline is a Flower Strategy; Flower's Strategy.start drives it."""
     cfg = load(overrides=TINY + ["privacy.clip=0.5", "privacy.noise_multiplier=1.0", "privacy.sampling='none'",
