@@ -10,7 +10,10 @@ The trainer scores the client's examples, orders them, and trains on the paced p
    all clients' training data, built deterministically and cached per process (an oracle
    for studies);
 2. **order**: ``curriculum`` (easy first), ``anti`` (hard first), ``random``, ``vanilla`` (identity);
-3. **pace**: ``paced_batches`` over T = epochs·⌈n/batch⌉ steps with the named pacing (a, b).
+3. **pace**: ``paced_batches`` over T = epochs·⌈n/batch⌉ steps with the named pacing (a, b):
+   g(t) is the share of the ordered data in use at step t, from b at t = 0 to all of it at
+   t = a·T (the paper's pacing functions; its main grid: linear, a = 0.8, b = 0.2, the
+   ``curriculum`` strategy's defaults).
    ``vanilla`` paces with ``step`` a = b = 1 (all data from step 0), which draws exactly the
    batches of the ``sgd`` trainer from the same generator, so it trains bit for bit as ``sgd``.
 

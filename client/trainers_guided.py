@@ -7,18 +7,22 @@ so every explorer trains its own copy. It trains for up to ``exploration-epochs`
 the run's local optimizer (``task.optimizer``, ``task.lr``, one optimizer for the whole
 exploration) and stops early after ``exploration-patience`` epochs without a strictly lower
 monitored loss. The monitored loss is the epoch's mean training loss (the reference explores
-on the full local data), or, with ``exploration-holdout`` h > 0, the loss on a seeded
-held-apart share h of the local data, which it then does not train on. The model ends at its
-best epoch's weights W_i; the app sends Δ_i = W_i − W0 and the server squares it into
-D_i = (W0 − W_i)².
+on the full local data; the authors' code monitors the last mini-batch's loss), or, with
+``exploration-holdout`` h > 0, the loss on a seeded held-apart share h of the local data,
+which it then does not train on. The model ends at its best epoch's weights W_i (the
+authors' code keeps the last epoch's); the app sends Δ_i = W_i − W0 and the server squares
+it into D_i = (W0 − W_i)².
 
-``guided`` (every round). grad ← grad ⊙ G after every backward pass, then the optimizer step:
+``guided`` (every round). grad ← grad ⊙ G after every backward pass, then the optimizer step
+(the authors' ``param.grad *= mask`` before ``optimizer.step()`` in ``FedlexClient.update``,
+ChristianInterno/FedLEx; no rescaling of G, no learning-rate compensation):
 a per-coordinate step-size scale for SGD, and with Adam (which normalizes per coordinate)
 mostly a freeze of the coordinates where G = 0. Weight decay is folded into the gradient
 before the scaling, so G = 0 coordinates stay exactly frozen under SGD (with or without
 momentum) and Adam; with G = 1 everywhere the training is bit-identical to ``sgd``.
 
-G arrives once: the strategy attaches ``fedlex-guidance`` (raw little-endian fp32 in layout
+G arrives once per version (with the default per-round G, a new version whenever the round's
+sampled explorers give a different G): the strategy attaches ``fedlex-guidance`` (raw little-endian fp32 in layout
 order) to a node's config only when the node does not hold the version named by
 ``fedlex-guidance-version`` (a hash of those bytes). The trainer checks the bytes against the
 version and caches G in the node's state as an ArrayRecord with the version beside it.

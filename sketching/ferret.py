@@ -6,14 +6,15 @@ Models" (ICML 2025, arXiv 2409.06277).
 A client trains with ordinary optimizer steps, then sends only the projections of
 its update Δ onto a few random directions per parameter block. The directions are
 never sent: every party regenerates them from seeds in a pool that all parties
-derive from the run seed. What travels is a list of sparse coefficients
+derive from the run seed and, by default, the round (a fresh pool every round, as
+in the paper's Algorithm 1). What travels is a list of sparse coefficients
 ``(block index, seed index, γ)``.
 
 The pieces, each a small pure function:
 
 - ``block_partition`` splits the flat parameter vector into L blocks (from the
   ``Layout`` alone, so client and server agree without talking);
-- ``seed_pool`` draws the K candidate seeds of a run;
+- ``seed_pool`` draws the K candidate seeds of a round (or of a whole run);
 - ``basis`` regenerates the direction v(seed, block) — always on CPU, in fp32;
 - ``budgets`` gives each block its number of directions K_l (bigger blocks of the
   update get more);
@@ -73,7 +74,10 @@ def block_partition(layout: Layout, ratio: float = 0.9) -> tuple[Block, ...]:
     Zero-sized tensors join whatever block is open and a block that would cover
     nothing is dropped, so the ranges tile ``[0, d)`` exactly. The result depends
     only on the layout's shapes (cached per layout), which is what lets client and
-    server derive the same blocks independently.
+    server derive the same blocks independently. This is the reference code's
+    grouping (``FerretFramework._group_parameters`` in ``optimizers/ferret_optimizer.py``
+    of allen4747/Ferret: target 0.9 × median numel, the paper's block-wise
+    reconstruction over L blocks).
     """
     if not ratio > 0:
         raise ValueError(f"block ratio must be > 0, got {ratio}")
@@ -112,12 +116,16 @@ def _seed_pool_cached(run_seed: int, K: int, round: int | None) -> np.ndarray:
 def seed_pool(run_seed: int, K: int, round: int | None = None) -> np.ndarray:
     """The K candidate seeds (int64, distinct, read-only) every party derives from the run seed.
 
-    As in the paper the pool is drawn once per run (``round=None``), from a private
-    numpy Generator seeded by ``derive_seed(run_seed, "ferret-pool")``. Passing a
-    round draws a fresh pool for that round instead (``derive_seed(run_seed,
-    "ferret-pool", round)``): with a per-run pool the global model can only move
-    within the span of K directions per block over the whole run, a per-round pool
-    removes that limit at no communication cost.
+    With a round (``FerretCodec(pool_scope="round")``, the default) the pool is fresh
+    every round, drawn from a private numpy Generator seeded by ``derive_seed(run_seed,
+    "ferret-pool", round)``: the paper's Algorithm 1 (line 10, "randomly set s(j) and
+    generate bases") draws new seeds and bases every round, and reusing one seed set
+    across rounds is only mentioned there as an optional saving. ``round=None`` draws
+    one pool for the whole run (``derive_seed(run_seed, "ferret-pool")``): what the
+    authors' released code does (``candidate_seeds`` drawn once in ``main.py`` of
+    allen4747/Ferret). With a per-run pool the global model can only move within the
+    span of K directions per block over the whole run; on the digits MLP that costs
+    accuracy (RESULTS.md, "Method fidelity"). Both cost the same bytes.
     """
     if int(K) < 1:
         raise ValueError(f"Ferret needs K >= 1 candidate seeds, got {K}")
@@ -185,7 +193,9 @@ def basis(seed: int, block_index: int, d_l: int, device: torch.device | str = "c
     ``torch.Generator`` seeded with ``derive_seed(seed, block_index)`` — the block
     offset keeps equal-sized blocks from sharing a basis — always drawn on CPU in
     fp32 (the fixed device/dtype rule: CPU and CUDA streams differ), then moved to
-    ``device``. The global torch RNG is never touched.
+    ``device``. The global torch RNG is never touched. The distribution is the paper's
+    and the reference code's (``trunc_normal_(std=1, a=-1/√d_l, b=1/√d_l)``); the
+    stream is Stamen's own, so bases are not bit-identical to the reference code's.
     """
     d_l = int(d_l)
     if d_l < 1:
@@ -215,6 +225,7 @@ def budgets(delta: torch.Tensor, blocks: Sequence[Block], K: int) -> list[int]:
     and spending directions on it would only cost compute. So an all-zero update
     gets all zeros, and the paper's floor of 2 applies to non-zero blocks only.
     A non-finite update is rejected: its norms (and every γ) would be meaningless.
+    The rule is the reference code's ``project_update`` (``max(int(‖Δ_l‖/max‖Δ_j‖ · K), 2)``).
     """
     if int(K) < 1:
         raise ValueError(f"Ferret needs K >= 1, got {K}")
@@ -405,8 +416,9 @@ class FerretCodec(Codec):
     ``"fp32"`` or ``"fp16"`` (fp16 saturates at ±65504; the count of saturated
     values is written to ``state["ferret_saturated"]``); ``block_ratio`` (0.9, see
     ``block_partition``); ``clip`` per-term |γ| bound applied when reconstructing
-    (None); ``pool_scope`` ``"run"`` (the paper: one pool per run) or ``"round"``
-    (a fresh pool each round, see ``seed_pool``).
+    (None); ``pool_scope`` ``"round"`` (default: a fresh pool each round, the
+    paper's Algorithm 1, line 10) or ``"run"`` (one pool for the whole run, the
+    authors' reference code; see ``seed_pool``).
 
     ``linear`` is False in the codec contract's sense (payloads are sparse lists
     with different supports and cannot be summed array-wise), but Ferret is linear
@@ -419,7 +431,7 @@ class FerretCodec(Codec):
     linear = False
 
     def __init__(self, K: int = 64, value_dtype: str = "fp32", block_ratio: float = 0.9,
-                 clip: float | None = None, pool_scope: str = "run") -> None:
+                 clip: float | None = None, pool_scope: str = "round") -> None:
         if isinstance(K, bool) or not isinstance(K, (int, np.integer)) or not 1 <= int(K) <= 2**31 - 1:
             raise ValueError(f"ferret option K must be an integer >= 1, got {K!r}")
         if value_dtype not in _VALUE_DTYPES:

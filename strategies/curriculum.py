@@ -1,7 +1,8 @@
 """Strategy ``curriculum``: curricula for data and for clients (Vahidian, Kadaveru, Baek, Wang,
 Kungurtsev, Chen, Bhatti, Chen, "When Do Curricula Work in Federated Learning?", ICCV 2023).
 
-Server duty: FedAvg aggregation, plus **client selection by curriculum** (``client_curriculum``):
+Server duty: FedAvg aggregation, plus, when ``client_curriculum = true`` (off by default),
+**client selection by curriculum**:
 clients are scored by the mean difficulty of their data, ordered (``client_ordering``), and a
 pacing function over the count of client updates so far (``client_pacing``, a = ``client_a``,
 b = ``client_b``) decides how many of the ordered clients are eligible; each round takes the
@@ -24,6 +25,21 @@ Client duty (``data_curriculum``; trainer ``curriculum``, ``client/trainers_curr
 score its examples (``scorer`` G/L/LG/E, ``score`` loss/misclassification), order them
 (``ordering``), and train on the paced prefix (``pacing``, ``a``, ``b``) for the usual
 epochs·⌈n/batch⌉ steps. ``ordering = "vanilla"`` trains exactly as plain SGD.
+
+**Defaults and the paper** (the authors' code, sreevatsank1999/Curriculum-FL,
+``automation/run_experiments-byobu.sh``: the main grid over data orderings and Dirichlet β).
+The data curriculum is the method: ordering ``curriculum`` (easy first), ``linear`` pacing with
+a = 0.8, b = 0.2, scores of the global model (``G``), as the grid runs it. Client curriculum is
+**off** by default (``client_curriculum = false``): the main grid runs client ordering ``rand``
+with ``step`` pacing a = b = 1 (every client eligible, i.e. plain sampling), and the
+client-curriculum experiments use partial participation (10 of 100 clients per round) under
+strong label skew (Dirichlet 0.05); when switched on, the client pacing defaults are those
+(``client_a`` = 0.2, ``client_b`` = 0.4, ``fedavg_curr.sh``). With ``federation.fraction_train
+= 1`` every client trains every round, so client selection is meaningless (the pool never
+drops below one round's cohort) and only its scoring rounds cost; the strategy logs a warning
+then. The authors' clients run 10 local epochs (batch 10, SGD lr 0.01, momentum 0.9); Stamen
+uses the run's ``task.*`` settings, which is why the data pacing sees fewer steps
+(RESULTS.md, "Method fidelity").
 
 To use the data curriculum under another strategy, set ``task.curriculum`` (and
 ``task.curriculum_pacing`` / ``_a`` / ``_b`` / ``_scorer``) instead: the ClientApp then uses the
@@ -74,7 +90,8 @@ class CurriculumOptions(Options):
     score: Literal["loss", "misclassification"] = Field("loss", description="per-example difficulty: "
                                                          "cross-entropy or 0/1 error")
     expert_epochs: int = Field(20, ge=1, description="epochs of the central expert model (scorer E)")
-    client_curriculum: bool = Field(True, description="select clients by curriculum (else seeded uniform sampling)")
+    client_curriculum: bool = Field(False, description="select clients by curriculum (else seeded uniform "
+                                    "sampling, as the paper's main grid); useful only with fraction_train < 1")
     client_ordering: Ordering = Field("curriculum", description="client order by mean score: curriculum, anti, "
                                       "random, vanilla (partition-id order)")
     client_pacing: Pacing = Field("linear", description="client pacing over the count of client updates so far")
@@ -148,6 +165,11 @@ class CurriculumMethod(UpdateMethod):
         self.round_cost = {"scoring_evaluations": 0, "scoring_bytes": 0, "score_reports": 0}
         if not self.options.client_curriculum:
             return
+        if self.selector is None and self.clients_per_round() >= len(self.run.nodes):
+            log.warning("strategy.client_curriculum=true with every client training every round "
+                        "(federation.fraction_train=%s): client selection cannot change who trains, only its scoring "
+                        "rounds cost; set federation.fraction_train below 1 (the paper: 10 of 100 clients per round) "
+                        "or strategy.client_curriculum=false", self.run.fraction_train)
         if self._scoring_due(server_round):
             self._scoring_round(server_round, arrays)
         gen = torch.Generator().manual_seed(derive_seed(self.run.seed, server_round, "client-curriculum"))

@@ -5,7 +5,9 @@ Models with Communication Cost under 18 Kilobytes" (ICML 2024).
 
 **Client duty** (trainer ``fedkseed``, ``client/trainers_ferret.py``). ``local_steps`` times: pick
 a pool index k uniformly, take the shared direction z_k (drawn from the k-th of the run's K pool
-seeds: Ferret's basis over the whole model as one block, rescaled to unit-variance entries —
+seeds — FedKSeed's K candidate seeds are fixed for the whole run, which is what bounds its
+uplink to K scalars, so its pool is always per run, unlike ``ferret``'s per-round default —:
+Ferret's basis over the whole model as one block, rescaled to unit-variance entries —
 bounded near-uniform rather than Gaussian, E[z zᵀ] = I; always CPU fp32), evaluate the loss on
 one mini-batch at w ± ε z_k (two forward passes, no backward) and step
 

@@ -29,11 +29,14 @@ path can carry (a train reply's arrays are the codec payload of Δ).
 **Guidance matrix** (:func:`guidance_matrix`). Per parameter tensor, min-max normalization
 to [0, 1]. ``normalization``:
 
-- ``normalize_then_average`` (default, the paper's figure): G = mean_i minmax(D_i). Each
-  explorer has the same say whatever the scale of its displacement (one explorer that ran
-  more epochs or diverged cannot dominate), and a coordinate is frozen (G = 0) only where
-  every explorer's displacement is its tensor's minimum;
-- ``average_then_normalize`` (the reference code): G = minmax(mean_i D_i).
+- ``average_then_normalize`` (default, the authors' code: ``create_mask`` in ``src/GTL_utils.py``
+  of ChristianInterno/FedLEx takes the mean over scouts of the squared displacement per tensor,
+  then min-max normalizes it): G = minmax(mean_i D_i). The paper's figure can be read either
+  way, the code is unambiguous;
+- ``normalize_then_average``: G = mean_i minmax(D_i). Each explorer has the same say whatever
+  the scale of its displacement (one explorer that ran more epochs or diverged cannot
+  dominate), and a coordinate is frozen (G = 0) only where every explorer's displacement is
+  its tensor's minimum.
 
 A tensor whose displacement is constant (max = min) carries no preference among its
 coordinates and gets G = 1 there (the reference divides by zero). Min-max normalized squared
@@ -42,12 +45,13 @@ after Adam exploration in ``benchmarks/fedlex_study.py``): under SGD, G also shr
 step that much. ``rescale = "unit_mean"`` (an ablation, not in the paper;
 default ``none``) divides each tensor of G by its mean, keeping the per-coordinate pattern and
 the zeros but the base's average step size.
-``guidance``: ``global`` (one G from all explorers, built once) or ``per_round`` (the
-reference code: each round, G from the stored D_i of that round's sampled partitions that
-explored; the global G when none of them explored).
+``guidance``: ``per_round`` (default, the authors' code: each round, G from the stored D_i of
+that round's sampled partitions that explored; the global G when none of them explored) or
+``global`` (one G from all explorers, built once).
 
 **Guided local training** (client duty, trainer ``guided``): after every backward pass
-grad ← grad ⊙ G, then the optimizer step (the run's ``task.optimizer``: SGD or Adam, with
+grad ← grad ⊙ G (the authors' ``param.grad *= mask``; no rescaling, no learning-rate
+compensation), then the optimizer step (the run's ``task.optimizer``: SGD or Adam, with
 ``task.lr``; FedLEx adds no optimizer of its own, so it is compared with its base under the
 same local optimizer). With SGD, G is a per-coordinate step size; with Adam the scale mostly
 cancels and the effect comes from exact zeros.
@@ -61,6 +65,19 @@ and refuses to train with a version it does not hold. G rides in the config reco
 extra ArrayRecord, because a trainer sees the round's config but not the message's other
 records. A node whose reply is lost or rejected is sent G again next time it is sampled, and
 a resumed run (fresh node state) resends it once per node.
+
+**Defaults and the authors' setting** (ChristianInterno/FedLEx ``main.py`` and its README
+commands): every client explores (``explorer_fraction = 1``) for up to 150 epochs with patience
+40, G is built per round from the sampled clients' scouts by average-then-normalize, and
+``rescale = "none"``. The authors trained locally with **Adam** (lr 3e-4, × 0.99 per round) over
+FedAvg with server momentum 0.9; under Adam a constant per-coordinate scale of the gradient
+cancels, so the step shrink that G causes under SGD (mean G ≈ 0.01–0.08) never shows in their
+results. Stamen uses the run's ``task.optimizer``: set ``task.optimizer = "adam"`` (and
+``strategy.base = "fedavgm"``) for the authors' regime; SGD runs are outside it (RESULTS.md,
+"Method fidelity", reports both). One departure, on purpose: the authors' code explores in place on the server's
+model object (``create_scout(model=self.model)`` in ``fedlexserver.py``), so its federated
+training starts from the explorers' trained weights — a warm start that is not part of the
+method; Stamen starts from the initial weights W0 that the explorers also started from.
 
 Costs are measured: exploration message/reply bytes and wall time (round 1's metrics line and
 the summary), guidance bytes per round (also included in the loop's ``downlink_bytes``).
@@ -162,13 +179,19 @@ class FedLExOptions(Options):
 
     model_config = ConfigDict(extra="allow")
     base: str = Field("fedavg", description="the aggregation FedLEx guides: any registered strategy name")
-    explorer_fraction: float = Field(0.2, gt=0.0, le=1.0, description="fraction of partitions that explore")
-    exploration_epochs: int = Field(20, ge=1, description="maximum local epochs of an explorer")
-    patience: int = Field(5, ge=1, description="early stopping: epochs without a lower monitored loss")
+    explorer_fraction: float = Field(1.0, gt=0.0, le=1.0, description="fraction of partitions that explore (the "
+                                                                      "authors: all, perc_clients_for_mask = 1)")
+    exploration_epochs: int = Field(150, ge=1, description="maximum local epochs of an explorer (the authors: 150)")
+    patience: int = Field(40, ge=1, description="early stopping: epochs without a lower monitored loss (the "
+                                                "authors: 40)")
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0,
                                     description="0: monitor the training loss; else the loss on this held-apart share")
-    normalization: Normalization = "normalize_then_average"
-    guidance: Literal["global", "per_round"] = "global"
+    normalization: Normalization = Field(
+        "average_then_normalize", description="average_then_normalize: G = minmax(mean D_i), the authors' code; "
+                                              "normalize_then_average: G = mean minmax(D_i)")
+    guidance: Literal["global", "per_round"] = Field(
+        "per_round", description="per_round: G from the explorers among the round's sampled clients (the authors' "
+                                 "code); global: one G from all explorers")
     rescale: Literal["none", "unit_mean"] = Field(
         "none", description="ablation, not in the paper: unit_mean divides each tensor of G by its mean")
 

@@ -1,5 +1,6 @@
 """Curriculum learning in the federation: trainer, scoring query, strategy `curriculum`, task.curriculum."""
 
+import logging
 import math
 import typing
 
@@ -26,6 +27,8 @@ from stamen.tasks.task import get_weights, load_task
 torch.set_num_threads(1)  # as the client workers do
 
 BASE = ["federation.clients=5", "run.rounds=3", "task.local_epochs=1", "task.hidden=16"]
+#: client selection by curriculum is off by default (the paper's main grid); the tests of the selector turn it on
+CLIENT_CURRICULUM = ["strategy.name=curriculum", "strategy.client_curriculum=true"]
 
 
 from _fakes import flower_identity  # noqa: E402,F401  (autouse fixture)
@@ -180,7 +183,9 @@ def test_bad_trainer_entries_are_named(options, key):
 # ----------------------------------------------------------------------------- strategy
 
 
-def test_vanilla_curriculum_strategy_is_fedavg(tmp_path):
+def test_vanilla_curriculum_strategy_is_fedavg(tmp_path, monkeypatch):
+    # the curriculum trainer has no vectorised form: compare it with FedAvg's per-client loop, float for float
+    monkeypatch.setenv("STAMEN_VECTORISE", "0")
     _, fedavg, _, ck_a = run(tmp_path, "a", "strategy.name=fedavg", "federation.fraction_train=0.6")
     _, cur, _, ck_b = run(tmp_path, "b", "strategy.name=curriculum", "strategy.ordering=vanilla",
                           "strategy.client_curriculum=false", "federation.fraction_train=0.6")
@@ -203,13 +208,39 @@ def test_vanilla_curriculum_strategy_is_fedavg(tmp_path):
         assert rb["downlink_bytes"] - ra["downlink_bytes"] == ra["clients"] * per_msg
 
 
+def test_defaults_are_the_papers_data_curriculum_without_client_selection(tmp_path):
+    """Defaults (the authors' main grid): easy-first data with linear pacing a = 0.8, b = 0.2 scored by the global
+    model; clients are sampled as under FedAvg (no client curriculum, no scoring rounds)."""
+    o = build_pipeline(load(overrides=["strategy.name=curriculum"])).method.options
+    assert (o.data_curriculum, o.ordering, o.pacing, o.a, o.b, o.scorer) == (True, "curriculum", "linear", 0.8, 0.2,
+                                                                             "G")
+    assert not o.client_curriculum and (o.client_a, o.client_b) == (0.2, 0.4)
+    grid_a, _, _, _ = run(tmp_path, "a", "strategy.name=fedavg", "federation.fraction_train=0.6",
+                          grid_cls=RecordingGrid)
+    grid_b, rows, _, _ = run(tmp_path, "b", "strategy.name=curriculum", "federation.fraction_train=0.6",
+                             grid_cls=RecordingGrid)
+    assert _train_rounds(grid_a) == _train_rounds(grid_b)  # the seeded sample: the same clients as FedAvg
+    assert all(r["scoring_evaluations"] == 0 and "client_pool" not in r for r in rows)
+    assert not [q for _, q, _, _, _ in grid_b.log if q == "curriculum-score"]
+
+
+def test_client_curriculum_with_full_participation_warns(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="stamen.strategy"):
+        run(tmp_path, "a", *CLIENT_CURRICULUM, "federation.fraction_train=1.0", "run.rounds=1")
+    assert "client selection cannot change who trains" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stamen.strategy"):
+        run(tmp_path, "b", *CLIENT_CURRICULUM, "federation.fraction_train=0.4", "run.rounds=1")
+    assert "client selection cannot change who trains" not in caplog.text
+
+
 def _train_rounds(grid):
     return [pids for kind, _, pids, _, _ in grid.log if kind == "train"]
 
 
 def test_full_pool_selects_every_client_once_per_pass(tmp_path):
     grid, rows, _, _ = run(tmp_path, "a", "federation.clients=8", "federation.fraction_train=0.25", "run.rounds=8",
-                           "strategy.name=curriculum", "strategy.client_b=1.0", "strategy.data_curriculum=false",
+                           *CLIENT_CURRICULUM, "strategy.client_b=1.0", "strategy.data_curriculum=false",
                            grid_cls=RecordingGrid)
     rounds = _train_rounds(grid)
     assert [len(r) for r in rounds] == [2] * 8
@@ -227,21 +258,21 @@ def test_first_rounds_pick_the_easiest_clients(tmp_path):
         mean_loss = [float(F.cross_entropy(model(torch.as_tensor(X)), torch.as_tensor(y)))
                      for X, y in task.data.clients]
     grid, rows, _, _ = run(tmp_path, "a", "federation.clients=8", "federation.fraction_train=0.25", "run.rounds=2",
-                           "strategy.name=curriculum", "strategy.client_b=0.4", grid_cls=RecordingGrid)
+                           *CLIENT_CURRICULUM, "strategy.client_b=0.4", grid_cls=RecordingGrid)
     pool = C.pacing_linear(0, 2 * 2, 8, 0.2, 0.4, min_count=2)
     assert rows[0]["client_pool"] == pool == 3
     easiest = set(np.argsort(mean_loss, kind="stable")[:pool].tolist())
     assert set(_train_rounds(grid)[0]) <= easiest
     # anti-curriculum: from the hardest
     grid, _, _, _ = run(tmp_path, "b", "federation.clients=8", "federation.fraction_train=0.25", "run.rounds=1",
-                        "strategy.name=curriculum", "strategy.client_ordering=anti", grid_cls=RecordingGrid)
+                        *CLIENT_CURRICULUM, "strategy.client_ordering=anti", grid_cls=RecordingGrid)
     hardest = set(np.argsort(-np.array(mean_loss), kind="stable")[:pool].tolist())
     assert set(_train_rounds(grid)[0]) <= hardest
 
 
 def test_scoring_rounds_are_counted(tmp_path):
     grid, rows, _, _ = run(tmp_path, "a", "federation.clients=6", "federation.fraction_train=0.5", "run.rounds=4",
-                           "strategy.name=curriculum", "strategy.rescore_every=2", grid_cls=RecordingGrid)
+                           *CLIENT_CURRICULUM, "strategy.rescore_every=2", grid_cls=RecordingGrid)
     queries = [(msgs, replies) for kind, q, _, msgs, replies in grid.log if q == "curriculum-score"]
     assert len(queries) == 2  # rounds 1 and 3
     assert [r["scoring_evaluations"] for r in rows] == [6, 0, 6, 0]
@@ -252,13 +283,13 @@ def test_scoring_rounds_are_counted(tmp_path):
     assert rows[1]["scoring_bytes"] == rows[3]["scoring_bytes"] == 0
     # default: one scoring round per pass, ceil(N/K) = 2 rounds here as well
     grid, rows, _, _ = run(tmp_path, "b", "federation.clients=6", "federation.fraction_train=0.5", "run.rounds=4",
-                           "strategy.name=curriculum", grid_cls=RecordingGrid)
+                           *CLIENT_CURRICULUM, grid_cls=RecordingGrid)
     assert [r["scoring_evaluations"] for r in rows] == [6, 0, 6, 0]
 
 
 def test_stale_scores_ride_on_train_replies(tmp_path):
     grid, rows, _, _ = run(tmp_path, "a", "federation.clients=6", "federation.fraction_train=0.5", "run.rounds=3",
-                           "strategy.name=curriculum", "strategy.client_scoring=stale", grid_cls=RecordingGrid)
+                           *CLIENT_CURRICULUM, "strategy.client_scoring=stale", grid_cls=RecordingGrid)
     assert [r["scoring_evaluations"] for r in rows] == [6, 0, 0]  # only the initial scoring round
     assert [r["score_reports"] for r in rows] == [3, 3, 3]
     train_replies = [replies for kind, _, _, _, replies in grid.log if kind == "train"]
@@ -267,7 +298,7 @@ def test_stale_scores_ride_on_train_replies(tmp_path):
 
 def test_curriculum_strategy_resumes_exactly(tmp_path):
     """A run stopped after round 2 and resumed equals the uninterrupted run (selector state is checkpointed)."""
-    common = ["federation.fraction_train=0.4", "strategy.name=curriculum", "strategy.client_scoring=stale",
+    common = ["federation.fraction_train=0.4", *CLIENT_CURRICULUM, "strategy.client_scoring=stale",
               "run.rounds=4"]
     _, full, _, _ = run(tmp_path, "full", *common)
     cfg = load(overrides=BASE + common)
@@ -324,7 +355,7 @@ def test_scoring_queries_and_local_state_under_ray_match_in_process(tmp_path):
     from stamen.server.inprocess_grid import InProcessGrid
 
     cfg = load(overrides=BASE + ["federation.clients=4", "federation.fraction_train=0.5", "run.rounds=3",
-                                 "strategy.name=curriculum", "strategy.scorer=LG", "strategy.rescore_every=2"])
+                                 *CLIENT_CURRICULUM, "strategy.scorer=LG", "strategy.rescore_every=2"])
     simulate(cfg, tmp_path / "ray")
     run_federation(InProcessGrid(cfg), cfg, tmp_path / "inproc")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731

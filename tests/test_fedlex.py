@@ -65,6 +65,73 @@ def test_displacement_and_both_normalization_orders_by_hand():
         FL.guidance_matrix([], "normalize_then_average")
 
 
+class _TwoParameters(torch.nn.Module):
+    """logits = x · (w1, w2): a two-class model with exactly two parameters, one tensor "w"."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w, dtype=torch.float32))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _one_guided_step(guidance, w0, optimizer, lr):
+    from types import SimpleNamespace
+
+    from stamen.core import Layout
+
+    layout = Layout(("w",), ((2,),))
+    model = _TwoParameters(w0)
+    X, y = np.array([[2.0]], np.float32), np.array([0])
+    job = TrainJob(options=_guided_options(guidance, SimpleNamespace(layout=layout)), state=RecordDict(),
+                   task=SimpleNamespace(layout=layout), partition_id=0, server_round=1, seed=0)
+    TG.train_guided(model, X, y, TrainSettings(epochs=1, batch_size=1, lr=lr, optimizer=optimizer),
+                    torch.Generator().manual_seed(0), job)
+    return model.w.detach().double().numpy()
+
+
+def test_guidance_and_its_step_on_a_two_parameter_problem_by_hand():
+    """Three explorers of a two-parameter model, the default G (the authors' order: average the squared
+    displacements, then min-max per tensor), built per round from the sampled explorers, and one guided step:
+    every number by hand. Under SGD, G scales the step per coordinate (here it freezes w2); under Adam a
+    constant per-coordinate scale cancels and only G's zeros matter."""
+    import math
+
+    s = build_pipeline(cfg_of("strategy.name=fedlex")).method
+    o = s.fedlex_options
+    assert (o.normalization, o.guidance, o.rescale, o.explorer_fraction) == ("average_then_normalize", "per_round",
+                                                                              "none", 1.0)
+    # explorers' updates Δ = W_i − W0 → D = Δ²: a (0.09, 0.01), b (0.04, 0.16), c (0.25, 0)
+    updates = {0: [0.3, -0.1], 1: [-0.2, 0.4], 2: [0.5, 0.0]}
+    s.displacements = {p: FL.squared_displacement({"w": np.array(u, np.float32)}) for p, u in updates.items()}
+    s.guidance = FL.guidance_matrix(list(s.displacements.values()), o.normalization)
+    # all three sampled: mean D = (0.38, 0.17)/3 → min-max → (1, 0)
+    np.testing.assert_allclose(s.guidance_for([0, 1, 2])["w"], [1.0, 0.0])
+    # only a and b sampled: mean D = (0.065, 0.085) → (0, 1): a per-round G differs from the global one
+    np.testing.assert_allclose(s.guidance_for([0, 1])["w"], [0.0, 1.0])
+    # the paper's figure read the other way: min-max each explorer ((1, 0), (0, 1), (1, 0)), then average
+    np.testing.assert_allclose(FL.guidance_matrix(list(s.displacements.values()), "normalize_then_average")["w"],
+                               [2 / 3, 1 / 3], rtol=1e-6)
+
+    # one example x = 2, label 0, at w = (0.5, −0.5): logits (1, −1), softmax p = (σ(2), σ(−2)),
+    # ∇w CE = x·(p − e_0) = 2·(−σ(−2), σ(−2))
+    g = 2 * (1 / (1 + math.exp(2))) * np.array([-1.0, 1.0])
+    w0, lr = [0.5, -0.5], 0.5
+    default_g = {"w": s.guidance_for([0, 1, 2])["w"]}
+    np.testing.assert_allclose(_one_guided_step(default_g, w0, "sgd", lr), np.array(w0) - lr * np.array([1, 0]) * g,
+                               rtol=1e-6)
+    thirds = {"w": np.array([2 / 3, 1 / 3], np.float32)}
+    np.testing.assert_allclose(_one_guided_step(thirds, w0, "sgd", lr),
+                               np.array(w0) - lr * np.array([2 / 3, 1 / 3]) * g, rtol=1e-6)
+    # Adam's first step is lr·ĝ/(|ĝ| + ε) ≈ lr·sign(ĝ): the scale 2/3, 1/3 cancels, a zero still freezes
+    ones = {"w": np.ones(2, np.float32)}
+    adam_plain = _one_guided_step(ones, w0, "adam", 0.1)
+    np.testing.assert_allclose(adam_plain, np.array(w0) - 0.1 * np.sign(g), rtol=1e-5)
+    np.testing.assert_allclose(_one_guided_step(thirds, w0, "adam", 0.1), adam_plain, rtol=1e-5)
+    np.testing.assert_allclose(_one_guided_step(default_g, w0, "adam", 0.1), [0.5 + 0.1, -0.5], rtol=1e-5)
+
+
 # -- the client trainers ------------------------------------------------------------------------
 def _task():
     return load_task(cfg_of().task, 6, 0)
@@ -197,7 +264,8 @@ def test_each_explorer_trains_its_own_copy_of_w0():
         for k in oracle:
             np.testing.assert_array_equal(strategy.displacements[pid][k], oracle[k])
     assert len(strategy.exploration["epochs_run"]) == 3 and all(1 <= e <= 6 for e in strategy.exploration["epochs_run"])
-    expected = FL.guidance_matrix([strategy.displacements[p] for p in explorers], "normalize_then_average")
+    # the default order (the authors' code): average the displacements, then min-max per tensor
+    expected = FL.guidance_matrix([strategy.displacements[p] for p in explorers], "average_then_normalize")
     assert all(np.array_equal(strategy.guidance[k], expected[k]) for k in expected)
     # a second exploration with the explorers in the other order gives the same displacements
     again = build_pipeline(cfg)
@@ -223,6 +291,7 @@ def _config_overhead(version):
 @pytest.mark.parametrize("base", ["fedavg", "fedavgm"])
 def test_all_ones_guidance_reduces_to_the_base_strategy(tmp_path, monkeypatch, base):
     monkeypatch.setattr(FL, "guidance_matrix", lambda ds, order: {k: np.ones_like(v) for k, v in ds[0].items()})
+    monkeypatch.setenv("STAMEN_VECTORISE", "0")  # the guided trainer runs the loop: compare with the base's loop
     opts = ["federation.fraction_train=0.5", "run.rounds=3"]
     _, plain, _ = run(tmp_path, "plain", *opts, f"strategy.name={base}")
     cfg, guided, summary = run(tmp_path, "guided", *opts, *FEDLEX, f"strategy.base={base}")
@@ -243,9 +312,10 @@ def test_all_ones_guidance_reduces_to_the_base_strategy(tmp_path, monkeypatch, b
 
 
 def test_guidance_travels_once_per_node(tmp_path):
+    """With one global G (``strategy.guidance = global``, not the default) G travels once per node."""
     opts = ["federation.fraction_train=0.5", "run.rounds=4"]
     cfg, plain, _ = run(tmp_path, "plain", *opts)
-    _, rows, _ = run(tmp_path, "fedlex", *opts, *FEDLEX)
+    _, rows, _ = run(tmp_path, "fedlex", *opts, *FEDLEX, "strategy.guidance=global")
     seen, per_node = set(), None
     for r, p in zip(rows, plain):
         sampled = set(seeded_sample(cfg.run.seed, r["round"], list(range(6)), 0.5))
@@ -258,6 +328,30 @@ def test_guidance_travels_once_per_node(tmp_path):
         assert r["downlink_bytes"] - r["guidance_downlink_bytes"] == \
             p["downlink_bytes"] + r["clients"] * _config_overhead(r["guidance_version"])
     assert sum(r["guidance_sent"] for r in rows) == len(seen) < sum(r["clients"] for r in rows)
+
+
+def test_per_round_guidance_is_the_sampled_explorers_g_and_travels_when_it_changes(tmp_path):
+    """The default (the authors' code): each round, G from the explorers among that round's sampled partitions
+    (the global G when none of them explored); a node is sent G whenever the version it holds is not the round's."""
+    opts = ["federation.fraction_train=0.5", "run.rounds=4"]
+    cfg, rows, _ = run(tmp_path, "fedlex", *opts, *FEDLEX)
+    state = RunDirectory(tmp_path / "fedlex").load_checkpoint()["strategy"]["method"]
+    layout = load_task(cfg.task, 6, 0).layout
+    displacements = {int(p): d for p, d in state["displacements"].items()}
+    explorers = rows[0]["exploration"]["explorers"]
+    assert sorted(displacements) == explorers and len(explorers) == 3  # explorer_fraction 0.5 of 6
+    global_g = FL.guidance_matrix([displacements[p] for p in explorers], "average_then_normalize")
+    held, versions = {}, set()
+    for r in rows:
+        sampled = seeded_sample(cfg.run.seed, r["round"], list(range(6)), 0.5)
+        mine = [p for p in sorted(sampled) if p in displacements]
+        g = FL.guidance_matrix([displacements[p] for p in mine], "average_then_normalize") if mine else global_g
+        version = FL.guidance_version(FL.guidance_bytes(g, layout))
+        assert r["guidance_version"] == version
+        assert r["guidance_sent"] == sum(held.get(p) != version for p in sampled)
+        held.update({p: version for p in sampled})
+        versions.add(version)
+    assert len(versions) > 1  # the sampled explorers changed, and so did G
 
 
 def test_lost_reply_means_guidance_is_sent_again(tmp_path):

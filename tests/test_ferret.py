@@ -251,8 +251,10 @@ def test_make_codec_finds_ferret_and_validates_options():
             FerretCodec(**bad)
 
 
-def test_encode_decode_roundtrip_and_determinism():
-    codec, ctx = FerretCodec(K=16), _ctx(SMALL)
+@pytest.mark.parametrize("pool_scope, pool_round", [("round", 1), ("run", None)])
+def test_encode_decode_roundtrip_and_determinism(pool_scope, pool_round):
+    """Both pool scopes: the codec decodes with the pool of its scope (round 1's, or the run's)."""
+    codec, ctx = FerretCodec(K=16, pool_scope=pool_scope), _ctx(SMALL)
     delta = _delta_for(SMALL, [1.0, 0.5, 0.2, 2.0])
     p1, p2 = codec.encode(delta, ctx), codec.encode(delta.clone(), ctx)
     assert all(np.array_equal(p1[k], p2[k]) for k in p1)
@@ -261,7 +263,8 @@ def test_encode_decode_roundtrip_and_determinism():
     out = codec.decode(p1, ctx)
     assert out.dtype == torch.float32 and out.shape == (SMALL.d,)
     b, s, v = codec.unpack(p1, ctx)
-    torch.testing.assert_close(out, reconstruct(b, s, v, block_partition(SMALL), seed_pool(7, 16), SMALL.d))
+    torch.testing.assert_close(out, reconstruct(b, s, v, block_partition(SMALL), seed_pool(7, 16, pool_round),
+                                                SMALL.d))
     # The estimate points the right way (cosine well above √(K/d) noise level for d=57, K=16).
     assert float(torch.nn.functional.cosine_similarity(out, delta, dim=0)) > 0.2
 
@@ -366,7 +369,24 @@ def test_zero_update_gives_empty_payload_and_zero_reconstruction():
 def test_round_scoped_pool_changes_directions():
     codec = FerretCodec(K=8, pool_scope="round")
     assert not np.array_equal(codec.pool(_ctx(SMALL, round=1)), codec.pool(_ctx(SMALL, round=2)))
-    assert np.array_equal(FerretCodec(K=8).pool(_ctx(SMALL, round=1)), FerretCodec(K=8).pool(_ctx(SMALL, round=2)))
+    run_scoped = FerretCodec(K=8, pool_scope="run")  # the reference code's single pool
+    assert np.array_equal(run_scoped.pool(_ctx(SMALL, round=1)), run_scoped.pool(_ctx(SMALL, round=2)))
+
+
+def test_the_default_pool_is_the_papers_fresh_pool_per_round():
+    """Alg. 1 line 10 of the paper: new seeds and bases every round (the default); the run pool is an option."""
+    assert FerretCodec().pool_scope == "round"
+    codec = FerretCodec(K=8)
+    pools = [codec.pool(_ctx(SMALL, round=r)) for r in (1, 2, 3)]
+    assert all(np.array_equal(p, seed_pool(7, 8, r)) for p, r in zip(pools, (1, 2, 3)))
+    assert all(not set(pools[i].tolist()) & set(pools[j].tolist()) for i, j in ((0, 1), (0, 2), (1, 2)))
+    # the same coefficients name different directions in different rounds
+    payload = codec.pack((np.array([0]), np.array([3]), np.array([1.0])), _ctx(SMALL))
+    v1, v2 = codec.decode(payload, _ctx(SMALL, round=1)), codec.decode(payload, _ctx(SMALL, round=2))
+    start, end = block_partition(SMALL)[0]
+    torch.testing.assert_close(v1[start:end], basis(seed_pool(7, 8, 1)[3], 0, end - start))
+    torch.testing.assert_close(v2[start:end], basis(seed_pool(7, 8, 2)[3], 0, end - start))
+    assert not torch.allclose(v1, v2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -25,7 +25,7 @@ from stamen.config import ConfigError, load
 from stamen.server.results import RunDirectory
 from stamen.core import Layout
 from stamen.sketching.codec import CodecContext, PayloadError
-from stamen.sketching.ferret import basis, basis_variance, seed_pool
+from stamen.sketching.ferret import FerretCodec, basis, basis_variance, seed_pool
 from stamen.strategies.preflight import build_pipeline
 from stamen.strategies.registry import StrategyConfigError
 from stamen.tasks.task import get_weights, load_task
@@ -111,9 +111,11 @@ def test_uplink_is_nnz_times_entry_size_plus_a_fixed_header(tmp_path, value_dtyp
 # -- coefficient-space aggregation ----------------------------------------------------------------
 
 
-def _reconstruct_by_hand(payload, codec, layout, seed):
-    """Second implementation: Σ γ v(pool[seed], block), one term at a time in float64."""
-    blocks, pool = codec.blocks(layout), seed_pool(seed, codec.K)
+def _reconstruct_by_hand(payload, codec, layout, seed, server_round=1):
+    """Second implementation: Σ γ v(pool[seed], block), one term at a time in float64, with the pool of the
+    codec's scope (the round's own pool by default, the run's with ``pool_scope = "run"``)."""
+    pool_round = server_round if codec.pool_scope == "round" else None
+    blocks, pool = codec.blocks(layout), seed_pool(seed, codec.K, pool_round)
     out = np.zeros(layout.d, np.float64)
     for b, k, g in zip(payload["block"].tolist(), payload["seed"].tolist(), payload["value"].astype(np.float64)):
         start, end = blocks[b]
@@ -121,10 +123,12 @@ def _reconstruct_by_hand(payload, codec, layout, seed):
     return out
 
 
-def test_aggregation_in_coefficient_space_equals_weighted_mean_of_client_reconstructions():
+@pytest.mark.parametrize("pool_scope", ["round", "run"])
+def test_aggregation_in_coefficient_space_equals_weighted_mean_of_client_reconstructions(pool_scope):
     layout = Layout(("w1", "b1", "w2", "b2"), ((40, 30), (40,), (10, 40), (10,)))
     nodes = {0: 11, 1: 12, 2: 13}
-    s = build_pipeline(load(overrides=["strategy.name=ferret", "strategy.K=24", "strategy.server_lr=0.7"]))
+    s = build_pipeline(load(overrides=["strategy.name=ferret", "strategy.K=24", "strategy.server_lr=0.7",
+                                       f"strategy.pool_scope={pool_scope}"]))
     s.bind(seed=5, nodes=nodes, layout=layout, fraction_train=1.0, fraction_evaluate=0.0, rounds=5, timeout=10.0)
     rng = np.random.default_rng(0)
     w0 = {n: rng.normal(size=sh).astype(np.float32) for n, sh in zip(layout.names, layout.shapes)}
@@ -145,6 +149,45 @@ def test_aggregation_in_coefficient_space_equals_weighted_mean_of_client_reconst
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
     assert s.last_participants == [0, 1, 2] and metrics["train_loss"] == pytest.approx(1.0)
     assert set(s.method.downlink.history) == {1}  # the aggregated coefficients are kept for the downlink
+
+
+def test_per_round_bases_differ_between_rounds_and_client_and_server_agree():
+    """The default (the paper's Alg. 1, line 10): every round a fresh seed pool. A client builds its codec from
+    the instruction alone and projects on round r's bases; the server reconstructs with the same bases; an
+    independent float64 reconstruction from seed_pool(seed, K, r) gives the server's weights after two rounds,
+    and the round-1 and round-2 bases share no seed."""
+    layout = Layout(("w1", "b1", "w2", "b2"), ((30, 20), (30,), (10, 30), (10,)))
+    nodes, seed, K, lr = {0: 11, 1: 12}, 3, 16, 0.5
+    s = build_pipeline(load(overrides=["strategy.name=ferret", f"strategy.K={K}", f"strategy.server_lr={lr}"]))
+    assert s.method.options.pool_scope == "round" and s.method.options.local_steps == 10
+    s.bind(seed=seed, nodes=nodes, layout=layout, fraction_train=1.0, fraction_evaluate=0.0, rounds=5, timeout=10.0)
+    rng = np.random.default_rng(1)
+    w0 = {n: rng.normal(size=sh).astype(np.float32) for n, sh in zip(layout.names, layout.shapes)}
+    expected, arrays = flat_weights(w0, layout).double().numpy(), P.to_array_record(w0)
+    chosen = {}
+    for r in (1, 2):
+        msgs = list(s.configure_train(r, arrays, ConfigRecord(), None))
+        replies, payloads = [], []
+        for pid, node in nodes.items():
+            msg = next(m for m in msgs if m.metadata.dst_node_id == node)
+            config = msg.content.config_records[P.CONFIG]
+            assert config[T.TRAINER] == "steps" and config[T.LOCAL_STEPS] == 10
+            client_codec = FerretCodec(**json.loads(config[T.CODEC_OPTIONS]))  # what the ClientApp builds
+            payload = client_codec.encode(torch.from_numpy(rng.normal(size=layout.d).astype(np.float32)),
+                                          CodecContext(seed, r, layout, node=pid))
+            payloads.append(payload)
+            replies.append(reply_to(msg, None, 10, codec="ferret", payload=payload))
+        chosen[r] = {int(k) for p in payloads for k in p["seed"]}
+        arrays, _ = s.aggregate_train(r, replies)
+        expected = expected + lr * sum(0.5 * _reconstruct_by_hand(p, s.run.codec, layout, seed, r) for p in payloads)
+        got = flat_weights(P.from_array_record(arrays), layout).double().numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+    used = [{int(seed_pool(seed, K, r)[k]) for k in chosen[r]} for r in (1, 2)]
+    assert used[0] and used[1] and not used[0] & used[1]  # round 2's bases are new
+    # with the run's pool the same round-2 payload would have meant other directions
+    run_codec = FerretCodec(K=K, pool_scope="run")
+    assert not np.allclose(_reconstruct_by_hand(payloads[0], run_codec, layout, seed, 2),
+                           _reconstruct_by_hand(payloads[0], s.run.codec, layout, seed, 2))
 
 
 def test_bad_payloads_are_rejected_and_the_round_goes_on():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from _fakes import LAYOUT, bound_strategy, configure, flower_identity, global_weights, reply_to  # noqa: F401
+from flwr.app import ConfigRecord
 
 from stamen import schema as P
 from stamen.schema import train as T
@@ -80,6 +81,63 @@ def test_fetchsgd_momentum_accumulates():
     assert fetch_round(s, 1, planted)[0] == pytest.approx(1.0)
     # the extracted bucket is zeroed, so momentum restarts there: 1.0 again, not 1.5
     assert fetch_round(s, 2, planted)[0] == pytest.approx(1.0)
+
+
+def test_fetchsgd_unsketches_planted_heavy_hitters_like_a_hand_made_count_sketch():
+    """The paper's defaults (5 rows, c = 0.1·d columns, k = 10 % of c, Alg. 1's server step) on a vector with five
+    planted heavy hitters in dense small noise, with collisions in every bucket (d/c = 10 coordinates per bucket).
+    Oracle: the table built by hand with np.add.at from the shared hashes, the median-over-rows estimates
+    computed by hand, the top-k of those, and the error table with the extracted buckets zeroed."""
+    from _fakes import FakeGrid
+
+    from stamen.core import Layout
+
+    d = 2000
+    layout = Layout(("w",), ((d,),))
+    s = bound_strategy("fetchsgd", layout=layout, momentum=0.0)
+    method = s.method
+    assert method.k is None and method.local_steps == 1
+    columns = s.run.codec.sketch_size(d)
+    assert columns == 200 and method.top_k() == 20  # ⌈0.1 · 200⌉
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 0.01, size=d).astype(np.float32)
+    planted = {17: 6.0, 444: -8.0, 901: 5.0, 1337: -7.0, 1999: 9.0}
+    for i, v in planted.items():
+        x[i] = v
+    w0 = {"w": np.zeros(d, np.float32)}
+    msgs = list(s.configure_train(1, P.to_array_record(w0), ConfigRecord(), FakeGrid()))
+    ctx0 = CodecContext(0, 0, layout)  # FetchSGD's one operator for the whole run
+    replies = [reply_to(m, None, 1, codec="countsketch", payload=s.run.codec.encode(torch.from_numpy(x), ctx0))
+               for m in msgs]
+    arrays, _ = s.aggregate_train(1, replies)
+    update = P.from_array_record(arrays)["w"].reshape(-1)
+
+    op = s.run.codec.operator(ctx0)
+    buckets, signs = op.hashes.buckets.numpy().astype(np.int64), op.hashes.signs.numpy().astype(np.float64)
+    table = np.zeros((5, columns))
+    for j in range(5):
+        np.add.at(table[j], buckets[j], signs[j] * x.astype(np.float64))
+    estimates = np.median(signs * table[np.arange(5)[:, None], buckets], axis=0)
+    top = np.sort(np.argsort(-np.abs(estimates), kind="stable")[:20])
+    assert set(planted) <= set(top.tolist())
+    assert np.flatnonzero(update).tolist() == top.tolist()
+    np.testing.assert_allclose(update[top], estimates[top], rtol=1e-5, atol=1e-5)
+    for i, v in planted.items():
+        assert abs(update[i] - v) < 0.2  # collisions move a heavy hitter's estimate by noise only
+    # error accumulation: S_e = η·S, then zeroed in every row at the buckets of the extracted coordinates
+    expected_error = table.copy()
+    for j in range(5):
+        expected_error[j, buckets[j, top]] = 0.0
+    np.testing.assert_allclose(method.s_e.numpy(), expected_error, rtol=1e-5, atol=1e-5)
+
+
+def test_fetchsgd_client_duty_is_one_stochastic_gradient_by_default():
+    s = bound_strategy("fetchsgd")
+    config = configure(s)[0].content.config_records[P.CONFIG]
+    assert config[T.TRAINER] == "steps" and config[T.LOCAL_STEPS] == 1
+    local = bound_strategy("fetchsgd", local_steps=0)  # local epochs instead: outside the paper
+    assert T.TRAINER not in configure(local)[0].content.config_records[P.CONFIG]
+    assert bound_strategy("fetchsgd", k=7).method.top_k() == 7
 
 
 # -- the compressed downlinks (catch-up: strategies/catchup.py, client/catchup.py) ---------------------
