@@ -79,6 +79,31 @@ class Codec(ABC):
     def decode(self, payload: dict[str, np.ndarray], ctx: CodecContext) -> torch.Tensor:
         """Decode a payload into a flat fp32 vector of length ``ctx.d``; raise PayloadError if malformed."""
 
+    # -- payloads as vectors (sketch-space aggregation, secure aggregation) ----------------------
+    def template(self, ctx: "CodecContext") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Keys (sorted), shapes and dtypes of this codec's payloads for ``ctx.layout`` (a zero update encoded once)."""
+        zero = self.encode(torch.zeros(ctx.d), ctx, {})
+        return {k: (tuple(np.asarray(v).shape), np.asarray(v).dtype) for k, v in sorted(zero.items())}
+
+    @classmethod
+    def flatten_payload(cls, payload: dict[str, np.ndarray], template: dict[str, tuple[tuple[int, ...], np.dtype]]
+                        ) -> np.ndarray:
+        """The payload's arrays concatenated in the template's order (fp32), after checking keys, dtypes, shapes."""
+        cls.expect_keys(payload, set(template))
+        parts = [cls.expect(payload, k, dtype=dtype, shape=shape).reshape(-1) for k, (shape, dtype) in template.items()]
+        return np.concatenate(parts).astype(np.float32, copy=True)
+
+    @staticmethod
+    def unflatten_payload(vector: np.ndarray, template: dict[str, tuple[tuple[int, ...], np.dtype]]
+                          ) -> dict[str, np.ndarray]:
+        """Inverse of :meth:`flatten_payload` (arrays in the template's dtypes)."""
+        out, start = {}, 0
+        for key, (shape, dtype) in template.items():
+            size = int(np.prod(shape))
+            out[key] = np.asarray(vector[start:start + size]).reshape(shape).astype(dtype, copy=True)
+            start += size
+        return out
+
     @staticmethod
     def payload_bytes(payload: dict[str, np.ndarray]) -> int:
         """Bytes of the array data in a payload (the message adds its own framing)."""

@@ -43,13 +43,16 @@ class FederationSection(_Section):
     client_cpus: float = Field(1.0, gt=0.0)
     client_gpus: float = Field(0.0, ge=0.0)
     ray_address: str = ""
-    round_timeout_s: float = Field(3600.0, gt=0.0)
+    round_timeout_s: float = Field(600.0, gt=0.0)  # the longest a round waits for its replies
     # the most examples one client may claim in a reply (0: no cap beyond the size it reported when it joined)
     max_examples_per_client: int = Field(0, ge=0)
-    # simulation only: SuperNodes host many clients each, one Flower message per node per call
-    # (server/virtual_grid.py); false = one SuperNode per client
+    # SuperNodes host many clients each, one Flower message per node per call (simulation:
+    # server/virtual_grid.py; deployment: server/app.py DeployedCarriers); false = one SuperNode per client
     virtual_clients: bool = True
-    sim_nodes: int = Field(0, ge=0)  # carrier SuperNodes with virtual_clients; 0 = twice the actors Ray runs at once
+    sim_nodes: int = Field(0, ge=0)  # SuperNodes hosting the clients with virtual_clients; simulation: 0 = twice the actors Ray runs at once
+    # a worker's clients train as one stacked computation where the trainer and model allow it
+    # (client/cohort.py); false = one client at a time (same results within float tolerance)
+    vectorise: bool = True
 
 
 class TaskSection(_Section):
@@ -124,7 +127,9 @@ class PrivacySection(_Section):
     clipping without noise, ε infinite): clients clip their update to L2 norm ``clip`` (C);
     Gaussian noise with std ``noise_multiplier``·C (z·C) on the sum of clipped updates is added
     at ``site`` (``central``: the server, in parameter space; ``sketch``: the server, in sketch
-    space, for strategies that aggregate sketches; ``local``: each client); ε at ``delta`` is
+    space, for strategies that aggregate sketches; ``local``: each client; ``distributed``: each
+    client adds its share of discrete Gaussian noise under secure aggregation, ``secagg.*``,
+    so the server sees only the noised sum); ε at ``delta`` is
     accounted for the ``sampling`` scheme each round and the run stops before exceeding
     ``epsilon_budget``. ``target_epsilon`` chooses z so that ``run.rounds`` rounds end at that ε.
     Noise and DP sampling come from OS entropy; ``reproducible_noise`` derives them from the
@@ -134,7 +139,7 @@ class PrivacySection(_Section):
     clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["none"] = "none"  # C; "none": no clipping
     noise_multiplier: float = Field(0.0, ge=0.0, allow_inf_nan=False)  # z; 0 = no noise (epsilon is infinite)
     target_epsilon: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["none"] = "none"  # choose z for it
-    site: Literal["central", "local", "sketch"] = "central"
+    site: Literal["central", "local", "sketch", "distributed"] = "central"
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
     accountant: Literal["rdp", "pld"] = "rdp"
     # poisson: each client joins with probability q = federation.fraction_train; fixed: exactly
@@ -161,13 +166,46 @@ class PrivacySection(_Section):
         if self.epsilon_budget != "none" and not noised:
             raise ValueError("privacy.epsilon_budget needs privacy.noise_multiplier > 0 or privacy.target_epsilon "
                              "(without noise epsilon is infinite)")
-        if self.site == "local" and not noised:
-            raise ValueError("privacy.site='local' needs privacy.noise_multiplier > 0 or privacy.target_epsilon")
+        if self.site in ("local", "distributed") and not noised:
+            raise ValueError(f"privacy.site={self.site!r} needs privacy.noise_multiplier > 0 or privacy.target_epsilon")
         return self
 
     @property
     def enabled(self) -> bool:
         return self.clip != "none" or self.noise_multiplier > 0 or self.target_epsilon != "none"
+
+
+class SecAggSection(_Section):
+    """Secure aggregation (SecAgg+, Bell et al. 2020; strategies/secagg.py). Off by default.
+
+    The server learns only the sum of a round's payloads: each client clips its payload vector to
+    L2 norm ``clip`` (C), scales it by ``scale`` (γ), rounds it stochastically to integers of
+    Z_{2^b} (b chosen from C, γ, the cohort and the noise so that no sum wraps) and masks it with
+    pairwise and self masks; dropped clients' masks are recovered from Shamir shares held by their
+    neighbours. ``degree``: k of the k-regular neighbour graph (0: every client is a neighbour of
+    every other); ``threshold``: the fraction of a neighbourhood (the client and its k neighbours)
+    whose shares rebuild a secret, t = max(2, ⌈threshold·(k+1)⌉) — above 0.5 a server that lies
+    about who dropped cannot get both secrets of a client. ``clip`` "auto" is ``privacy.clip``;
+    ``scale`` "auto" is 2^16 / C. With ``privacy.site = "distributed"`` each client adds discrete
+    Gaussian noise before masking (privacy/distributed.py).
+    """
+
+    enabled: bool = False
+    degree: int = Field(0, ge=0)
+    threshold: float = Field(0.6, gt=0.0, le=1.0)
+    clip: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["auto"] = "auto"
+    scale: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["auto"] = "auto"
+
+    def resolved(self, privacy_clip: float | str) -> tuple[float, float]:
+        """(C, γ) with "auto" resolved; ConfigError when no clip norm is known."""
+        if self.clip != "auto":
+            clip = float(self.clip)
+        elif privacy_clip != "none":
+            clip = float(privacy_clip)
+        else:
+            raise ConfigError("secagg.enabled needs a clip norm (the field must bound every client's payload): set "
+                              "secagg.clip (e.g. 10.0) or privacy.clip")
+        return clip, (float(self.scale) if self.scale != "auto" else 2.0 ** 16 / clip)
 
 
 class EvalSection(_Section):
@@ -221,6 +259,7 @@ class StamenConfig(_Section):
     strategy: StrategySection = StrategySection()
     compression: CompressionSection = CompressionSection()
     privacy: PrivacySection = PrivacySection()
+    secagg: SecAggSection = SecAggSection()
     eval: EvalSection = EvalSection()
     faults: FaultsSection = FaultsSection()
 

@@ -64,17 +64,19 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stamen.config import ConfigError
-from stamen.privacy.accounting import Accountant, calibrate_noise_multiplier
 from stamen.privacy.clipping import geometric_clip_update, l2_clip, update_noise_multiplier_for_adaptive_clipping
 from stamen.privacy.noise import NOT_A_GUARANTEE, NoiseSource, noise_source
 from stamen.schema import train as T
 from stamen.strategies.method import Combiner, WeightedMean
 from stamen.strategies.sampling import sample_count
+
+if TYPE_CHECKING:  # dp-accounting pulls in scipy (≈1.4 s): imported when a run accounts, not at start-up
+    from stamen.privacy.accounting import Accountant
 
 log = logging.getLogger("stamen.privacy")
 
@@ -121,15 +123,23 @@ class PrivacyPlan:
         return update_noise_multiplier_for_adaptive_clipping(self.noise_multiplier, self.count_noise)
 
     @property
+    def accounted_sampling(self) -> str:
+        """The sampling the accountant assumes: none under the distributed site (the server knows the cohort)."""
+        return "none" if self.site == "distributed" else self.sampling
+
+    @property
     def denominator(self) -> float:
         """The fixed denominator D of the released mean."""
         return {"poisson": self.q * self.population, "fixed": float(self.cohort or 1),
                 "none": float(self.population)}[self.sampling]
 
     def make_accountant(self, noise_multiplier: float | None = None) -> Accountant:
+        from stamen.privacy.accounting import Accountant
+
+        sampling = self.accounted_sampling
         return Accountant(self.noise_multiplier if noise_multiplier is None else noise_multiplier, self.delta,
-                          self.accountant, self.sampling,
-                          sampling_probability=self.q if self.sampling == "poisson" else None,
+                          self.accountant, sampling,
+                          sampling_probability=self.q if sampling == "poisson" else None,
                           cohort_size=self.cohort, population_size=self.population)
 
     def describe(self) -> dict[str, Any]:
@@ -144,6 +154,8 @@ class PrivacyPlan:
                 "noise_source": ("seeded from run.seed (NOT a guarantee)" if self.reproducible
                                  else "OS entropy (secrets), a fresh seed per draw"),
                 "denominator": ("mean over replies (each client noises its own update)" if self.site == "local"
+                                else "the secure sum over its survivors (the noise is in the sum)"
+                                if self.site == "distributed"
                                 else f"fixed D = {self.denominator:g} ({self.sampling} sampling)")}
 
 
@@ -168,10 +180,13 @@ def privacy_plan(cfg, calibrate: bool = True) -> PrivacyPlan:
                        adaptive_lr=float(p.adaptive_lr), count_noise=0.0, reproducible=bool(p.reproducible_noise),
                        target_epsilon=target)
     if target is not None and calibrate and plan_problems(cfg) == []:
+        from stamen.privacy.accounting import calibrate_noise_multiplier
+
         try:
+            sampling = plan.accounted_sampling
             z = float(calibrate_noise_multiplier(target, cfg.run.rounds, plan.delta, accountant=plan.accountant,
-                                                 sampling=plan.sampling,
-                                                 sampling_probability=q if p.sampling == "poisson" else None,
+                                                 sampling=sampling,
+                                                 sampling_probability=q if sampling == "poisson" else None,
                                                  cohort_size=cohort, population_size=n))
         except ValueError as err:
             raise ConfigError(f"privacy.target_epsilon={target:g}: {err}") from None
@@ -191,7 +206,15 @@ def plan_problems(cfg) -> list[str]:
     if not p.enabled:
         return out
     n, frac = int(fed.clients), float(fed.fraction_train)
-    if p.sampling == "none" and frac != 1.0:
+    if p.site == "distributed":
+        if not cfg.secagg.enabled:
+            out.append("privacy.site='distributed' adds the clients' noise shares under secure aggregation: set "
+                       "secagg.enabled=true (or use privacy.site 'central' / 'local')")
+        if p.accountant != "rdp":
+            out.append("privacy.site='distributed' is accounted in zCDP (Kairouz et al. 2021), which the RDP "
+                       "accountant composes exactly; PLD would treat the discrete noise as continuous: use "
+                       "privacy.accountant='rdp'")
+    elif p.sampling == "none" and frac != 1.0:
         out.append(f"privacy.sampling='none' accounts every client in every round, but federation.fraction_train="
                    f"{frac}; set fraction_train=1.0 or use sampling 'poisson'/'fixed'")
     if p.sampling == "fixed" and p.accountant == "pld":
@@ -251,8 +274,10 @@ class PrivacyStage:
     the clients clip and where the server's noise goes.
     """
 
-    def __init__(self, plan: PrivacyPlan, space: str):
-        self.plan, self.space = plan, space
+    def __init__(self, plan: PrivacyPlan, space: str, *, secure: bool = False):
+        # under secure aggregation the clients clip what is summed — the payload vector — and the
+        # server's noise (central sites) goes on the unmasked sum of payloads
+        self.plan, self.space, self.secure = plan, ("payload" if secure else space), secure
         self.noise = noise_source(plan.reproducible, 0)
         self.accountant = plan.make_accountant()
         self.clip = plan.clip
@@ -300,8 +325,33 @@ class PrivacyStage:
 
     @property
     def required_metrics(self) -> tuple[str, ...]:
-        """Every reply must carry the clipping bit: proof the client applied the privacy hook."""
-        return (T.DP_UNCLIPPED,) if self.clip is not None else ()
+        """Every reply must carry the clipping bit: proof the client applied the privacy hook (not under
+        secure aggregation, where a per-client bit would reach the server in the clear)."""
+        return (T.DP_UNCLIPPED,) if self.clip is not None and not self.secure else ()
+
+    def use_distributed_bound(self, epsilon_round: float) -> None:
+        """The distributed site: compose each round as a Gaussian with z_eff = 1/ε_round, the zCDP bound of
+        the discrete noise (privacy/distributed.py, "Accounting"), known once the payload size is."""
+        z_eff = 1.0 / epsilon_round
+        if z_eff < self.plan.noise_multiplier * (1 - 1e-9):
+            log.warning("distributed DP: the discrete noise's zCDP bound gives z_eff=%.6g < z=%.6g (raise "
+                        "secagg.scale); epsilon is accounted with z_eff", z_eff, self.plan.noise_multiplier)
+        rounds = self.accountant.rounds
+        self.accountant = self.plan.make_accountant(min(z_eff, self.plan.noise_multiplier))
+        self.accountant.rounds = rounds
+
+    def release_sum(self, total, survivors: int, server_round: int, sensitivity: float, sum_noise_std: float = 0.0):
+        """The released mean of a secure sum of clipped payloads (secure aggregation): central sites add
+        N(0, (z_Δ·Δ₂)²) to the sum and divide by the fixed D; the distributed site's noise (std
+        ``sum_noise_std`` in payload units) is already in the sum, which is divided by its survivors."""
+        if not self.central:
+            self.last_noise_std = sum_noise_std / max(survivors, 1)
+            return total / max(survivors, 1)
+        std = self.plan.update_noise_multiplier * sensitivity if self.plan.noise_multiplier > 0 else 0.0
+        self.last_noise_std = std / self.plan.denominator
+        if std > 0:
+            total = total + self.noise.gaussian(total.numel(), std, server_round, f"dp-{self.plan.site}-noise")
+        return total / self.plan.denominator
 
     # -- aggregate --------------------------------------------------------------------------
     def privatize(self, accepted: list) -> list[float]:
@@ -357,6 +407,8 @@ class PrivacyStage:
         k = max(self.participation.values(), default=0)
         if k == 0:
             return 0.0
+        from stamen.privacy.accounting import Accountant
+
         acc = Accountant(self.plan.noise_multiplier / 2.0, self.plan.delta, self.plan.accountant, "none")
         return finite_or_none(acc.epsilon_after(k))
 
@@ -391,8 +443,14 @@ class PrivacyStage:
         return {"epsilon": finite_or_none(acc.epsilon()), "delta": acc.delta, "privacy": privacy}
 
     def covers(self) -> list[str]:
+        if self.plan.site == "distributed":
+            return ["the secure sum of the clients' payloads: each clipped to C, scaled, stochastically rounded, "
+                    "with discrete Gaussian noise shares added by every client before masking (Kairouz et al. 2021; "
+                    "zCDP composed as an unsampled Gaussian, no amplification); the server never sees one payload"]
         where = {"central": "by the server in parameter space", "sketch": "by the server in sketch space",
                  "local": "by each client"}[self.plan.site]
+        if self.secure:
+            where = "by the server to the secure sum of payloads (C + √d/γ sensitivity after rounding)"
         out = [f"model updates: clipped to C ({self.space} space), Gaussian noise added {where}, "
                f"{self.plan.sampling} client sampling, every round composed"]
         if self.plan.adaptive_clip:

@@ -15,7 +15,11 @@ protocol Flower's ``Strategy.start`` and Stamen's own loop call), assembled from
 - a **privacy stage** (:class:`stamen.strategies.dp.PrivacyStage`, or none): secret sampling,
   client clipping instructions, server re-clipping, the noisy sum, the accountant;
 - a **combiner** (the aggregate stage): the weighted mean, a robust rule
-  (``strategies/robust.py``) or, under DP, the privacy stage's noisy sum.
+  (``strategies/robust.py``) or, under DP, the privacy stage's noisy sum;
+- **secure aggregation** (:class:`stamen.strategies.secagg.SecureAggregation`, or none): two
+  query exchanges before the train messages, and instead of decoding each reply the server
+  unmasks the sum of the masked payloads, releases its mean (with the privacy stage's noise at a
+  central site) and decodes that once — the same aggregate and step stages follow.
 
 Nothing is composed by re-classing objects or generating subclasses: reading a plugin's
 module shows everything it does, and this module shows the order in which it happens.
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -40,9 +45,11 @@ from stamen.schema import evaluate as E
 from stamen.schema import train as T
 from stamen.sketching.codec import PayloadError
 from stamen.strategies.accept import Issued, Reply, Verdict, accept_replies
+from stamen.privacy.distributed import round_epsilon_bound
 from stamen.strategies.dp import PrivacyStage
-from stamen.strategies.method import Combiner, Method, RunInfo
+from stamen.strategies.method import Combiner, Method, RunInfo, WeightedMean
 from stamen.strategies.sampling import seeded_sample
+from stamen.strategies.secagg import SecureAggregation
 
 log = logging.getLogger("stamen.pipeline")
 
@@ -65,8 +72,9 @@ class RoundPipeline(Strategy):
     """One federated round, the same for every strategy (module docstring)."""
 
     def __init__(self, method: Method, combiner: Combiner, privacy: PrivacyStage | None = None, *,
-                 name: str = ""):
+                 secagg: SecureAggregation | None = None, name: str = ""):
         self.method, self.combiner, self.privacy, self.name = method, combiner, privacy, name
+        self.secagg = secagg
         self.last_rejected: list[tuple[int, str, str]] = []
         self.last_participants: list[int] = []
         self.last_reasons: dict[str, int] = {}
@@ -100,6 +108,11 @@ class RoundPipeline(Strategy):
         self.method.bind(self.run)
         if self.privacy is not None:
             self.privacy.bind_seed(seed)
+        if self.secagg is not None:
+            self.secagg.bind(self.run)
+            if self.privacy is not None and self.privacy.plan.site == "distributed":
+                self.privacy.use_distributed_bound(round_epsilon_bound(
+                    self.privacy.plan.noise_multiplier, self.secagg.sensitivity, self.secagg.size, len(self.nodes)))
 
     # -- train -------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> list[Message]:
@@ -110,6 +123,11 @@ class RoundPipeline(Strategy):
         sampled = (self.privacy.sample(server_round, pids) if self.privacy is not None
                    else seeded_sample(self.seed, server_round, pids, self.run.fraction_train))
         chosen = self.method.select(server_round, sampled)
+        issue = None
+        if self.secagg is not None:  # key exchange and shares; each instruction carries its client's part
+            per_client = self.secagg.setup(server_round, chosen) or {}
+            chosen = sorted(per_client)
+            issue = lambda node, pid: {**self._issued.issue(node, pid), **per_client[pid]}  # noqa: E731
         entries = {**dict(config), T.CODEC: self.wire_codec,  # the instruction names its codec completely
                    T.CODEC_OPTIONS: json.dumps(self.method.codec_options, sort_keys=True),
                    **self.method.instructions(server_round, arrays)}
@@ -117,15 +135,18 @@ class RoundPipeline(Strategy):
             entries.update(self.privacy.instructions())
         self._issued = Issued(self.run_id, server_round, "train")
         return self.method.messages(server_round, arrays, entries, [(pid, self.nodes[pid]) for pid in chosen],
-                                    self._issued.issue)
+                                    issue or self._issued.issue)
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._issued is None or self._issued.round != server_round or self._global is None:
             raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
         replies = list(replies)
         verdict = self.accept(replies, self._issued, codec=self.wire_codec,
-                              required=self.privacy.required_metrics if self.privacy is not None else ())
+                              required=self.privacy.required_metrics if self.privacy is not None else (),
+                              decode=None if self.secagg is None else lambda r: self.secagg.read_masked(r.payload))
         accepted = verdict.accepted
+        if self.secagg is not None:
+            return self._secure_round(server_round, accepted, len(verdict.rejected))
         weights = self.privacy.privatize(accepted) if self.privacy is not None else [r.weight for r in accepted]
         combiner = self.privacy.combiner(server_round) if self.privacy is not None else self.combiner
         used = accepted
@@ -160,13 +181,41 @@ class RoundPipeline(Strategy):
         metrics = None if self.privacy is not None else _weighted_metrics(accepted)
         return (None if new is None else S.to_array_record(new)), metrics
 
+    def _secure_round(self, server_round: int, accepted: list[Reply], rejected: int
+                      ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """decode → privatize → aggregate → step on the secure sum: unmask Σ survivors' payloads, release
+        their mean (the privacy stage's noise at a central site), decode it once, step."""
+        new = None
+        unmasked = self.secagg.unmask(server_round, accepted) if len(accepted) >= self.min_replies else None
+        if unmasked is None:
+            log.warning("round %d failed: secure aggregation could not unmask the sum of %d valid replies (%d "
+                        "rejected); the global model is unchanged", server_round, len(accepted), rejected)
+        else:
+            total, survivors = torch.from_numpy(unmasked[0]), unmasked[1]
+            mean = (self.privacy.release_sum(total, survivors, server_round, self.secagg.real_sensitivity,
+                                             self.secagg.sum_noise_std(survivors))
+                    if self.privacy is not None else total / survivors)
+            try:
+                contribution = self.method.contribution(self.secagg.payload(mean.numpy()), self.run.ctx(server_round))
+                aggregate = self.method.aggregate(server_round, [contribution], [1.0], WeightedMean())
+                new = self.method.step(server_round, self._global, aggregate, float(survivors))
+            except PayloadError as err:
+                log.warning("round %d failed: %s; the global model is unchanged", server_round, err)
+        if new is not None and not all(np.isfinite(a).all() for a in new.values()):
+            new = None
+        self.method.after_round(server_round, accepted, new)
+        if self.privacy is not None:
+            self.privacy.after_round(server_round, self.last_participants)
+        return (None if new is None else S.to_array_record(new)), None
+
     def accept(self, replies: list[Message], issued: Issued, *, codec: str | None,
-               required: tuple[str, ...] = ()) -> Verdict:
-        """The acceptance stage for this round's train replies; records who took part and why others did not."""
+               required: tuple[str, ...] = (), decode: Callable[[Reply], Any] | None = None) -> Verdict:
+        """The acceptance stage for this round's train replies; records who took part and why others did not.
+        ``decode``: what a reply contributes (default: the method's contribution of its payload)."""
         rnd = issued.round
         verdict = accept_replies(
             replies, issued, bounds=self.bounds, codec=codec, required_metrics=required,
-            decode=lambda r: self.method.contribution(r.payload, self.run.ctx(rnd, r.pid)))
+            decode=decode or (lambda r: self.method.contribution(r.payload, self.run.ctx(rnd, r.pid))))
         if replies and verdict.foreign == len(replies):
             raise ForeignClientError(
                 f"round {rnd}: 0 of {len(replies)} replies were Stamen replies — is the ClientApp a Stamen app? "
@@ -218,12 +267,16 @@ class RoundPipeline(Strategy):
         out = {"rejected_reasons": dict(self.last_reasons), **self.method.round_metrics(server_round)}
         if self.privacy is not None:
             out.update(self.privacy.round_metrics())
+        if self.secagg is not None:
+            out.update(self.secagg.round_metrics())
         return out
 
     def summary_metrics(self) -> dict[str, Any]:
         out = dict(self.method.summary_metrics())
         if self.privacy is not None:
             out.update(self.privacy.summary())
+        if self.secagg is not None:
+            out.update(self.secagg.summary())
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -238,8 +291,9 @@ class RoundPipeline(Strategy):
             self.privacy.load_state_dict(state["privacy"])
 
     def summary(self) -> None:  # Flower's Strategy API: log what runs
-        log.info("Stamen round pipeline: strategy %s, codec %s, aggregate %s, privacy %s", self.name,
-                 self.wire_codec, self.combiner.name, "off" if self.privacy is None else self.privacy.plan.site)
+        log.info("Stamen round pipeline: strategy %s, codec %s, aggregate %s, privacy %s, secure aggregation %s",
+                 self.name, self.wire_codec, self.combiner.name,
+                 "off" if self.privacy is None else self.privacy.plan.site, "on" if self.secagg is not None else "off")
 
 
 def _weighted_metrics(accepted: list[Reply]) -> MetricRecord | None:

@@ -21,6 +21,7 @@ from stamen.strategies.method import Method
 from stamen.strategies.pipeline import RoundPipeline
 from stamen.strategies.registry import StrategySpec, build_method
 from stamen.strategies.robust import aggregator_problems, make_combiner
+from stamen.strategies.secagg import SecureAggregation
 
 log = logging.getLogger("stamen.preflight")
 
@@ -39,7 +40,7 @@ def combination_problems(cfg, spec: StrategySpec, method: Method) -> list[str]:
     """Everything that stops ``cfg`` from running correctly with ``method`` (empty: it can run)."""
     caps, name = method.capabilities, cfg.strategy.name
     return [*_codec_problems(cfg, caps, name, method), *_aggregator_problems(cfg, spec, method, name),
-            *_privacy_problems(cfg, spec, method, name)]
+            *_privacy_problems(cfg, spec, method, name), *secagg_problems(cfg, spec, method, name)]
 
 
 def _codec_problems(cfg, caps: Capabilities, name: str, method: Method) -> list[str]:
@@ -83,6 +84,8 @@ def _privacy_problems(cfg, spec: StrategySpec, method: Method, name: str) -> lis
     if not caps.privacy_sites:
         why = caps.notes.get("privacy", "it has no differential-privacy mechanism")
         out.append(f"{keys} are set but strategy {name!r} cannot be made private: {why}; unset them")
+    elif p.site == "distributed":
+        pass  # the secure aggregation stage's noise: secagg_problems decides what can combine with it
     elif p.site not in caps.privacy_sites:
         server_site = SERVER_SITE.get(caps.aggregation)
         out.append(f"privacy.site={p.site!r} is not available for strategy {name!r}, which aggregates "
@@ -120,6 +123,58 @@ def _privacy_problems(cfg, spec: StrategySpec, method: Method, name: str) -> lis
     return out
 
 
+def secagg_problems(cfg, spec: StrategySpec, method: Method, name: str) -> list[str]:
+    """Secure aggregation reveals only the sum of payloads: what needs more than that is refused."""
+    caps, p, sa = method.capabilities, cfg.privacy, cfg.secagg
+    if not sa.enabled:
+        return []
+    out = []
+    if caps.aggregation == "own" or not caps.linear:
+        out.append(f"secagg.enabled: strategy {name!r} does not aggregate a sum of payload vectors "
+                   f"({caps.notes.get('robust', 'its aggregate is not linear in the replies')}); secure aggregation "
+                   f"works with fedavg, fedprox, fedadam, fedavgm, fat, curriculum (without client "
+                   f"selection), sketched_fedavg, fetchsgd and sketched_dp")
+    elif caps.aggregation == "update" and not _linear_codec(cfg):
+        out.append(f"secagg.enabled: compression.codec={cfg.compression.codec!r} is not linear, so the sum of the "
+                   f"masked payloads does not decode to the sum of the updates; use a linear codec (dense, gaussian, "
+                   f"rademacher, srht, sparsejl) or a sketch-space strategy (sketched_fedavg, fetchsgd, sketched_dp)")
+    aggregator, _ = aggregator_problems(cfg, implied_aggregator(spec, method))
+    if aggregator != "mean":
+        out.append(f"secagg.enabled: strategy.aggregator={aggregator!r} needs every client's update, which secure "
+                   f"aggregation hides (the server sees only their sum); use strategy.aggregator='mean'")
+    if caps.selection == "data_dependent":
+        out.append(f"secagg.enabled: strategy {name!r} selects clients from what they report about their data, in the "
+                   f"clear; {caps.notes.get('selection_fix', 'choose a strategy that samples clients')}")
+    for release in caps.extra_releases:
+        out.append(f"secagg.enabled: strategy {name!r} sends {release} in the clear, outside secure aggregation")
+    if p.enabled:
+        if p.site == "local":
+            out.append("secagg.enabled with privacy.site='local': noise each client adds before masking is the "
+                       "distributed site; use privacy.site='distributed' (or 'central' / 'sketch': the server noises "
+                       "the unmasked sum)")
+        if p.adaptive_clip:
+            out.append("secagg.enabled with privacy.adaptive_clip: the clients' clipping bits would reach the server "
+                       "one by one; set privacy.adaptive_clip=false")
+        if p.per_layer:
+            out.append("secagg.enabled with privacy.per_layer: under secure aggregation clients clip the payload "
+                       "vector as a whole; set privacy.per_layer=false")
+        if sa.clip != "auto" and p.clip != "none" and float(sa.clip) != float(p.clip):
+            out.append(f"secagg.clip={sa.clip} differs from privacy.clip={p.clip}: the clip norm of what is summed is "
+                       f"the DP sensitivity; leave secagg.clip='auto'")
+    try:
+        sa.resolved(p.clip)
+    except ConfigError as err:
+        out.append(str(err))
+    return out
+
+
+def _linear_codec(cfg) -> bool:
+    try:
+        return make_codec(cfg.compression.codec, **cfg.compression.options()).linear
+    except (TypeError, ValueError):
+        return True  # a codec that cannot be built is reported by _codec_problems
+
+
 def build_pipeline(cfg, *, calibrate: bool = True) -> RoundPipeline:
     """The round pipeline ``cfg`` asks for, or :class:`CombinationError` listing every problem.
 
@@ -131,10 +186,10 @@ def build_pipeline(cfg, *, calibrate: bool = True) -> RoundPipeline:
     if problems:
         raise CombinationError(problems)
     caps = method.capabilities
-    privacy = None
+    privacy = secagg = None
     if cfg.privacy.enabled:
         plan = privacy_plan(cfg, calibrate=calibrate)
-        privacy = PrivacyStage(plan, space=caps.aggregation)
+        privacy = PrivacyStage(plan, space=caps.aggregation, secure=cfg.secagg.enabled)
         if cfg.compression.codec != "dense" and caps.aggregation == "update" and plan.site == "central":
             log.warning("privacy with codec %r: the server clips each *decoded* update to C; for sketches this "
                         "shrinks them (sketched_dp clips and noises in sketch space)", cfg.compression.codec)
@@ -143,4 +198,10 @@ def build_pipeline(cfg, *, calibrate: bool = True) -> RoundPipeline:
             if fits < cfg.run.rounds:
                 log.warning("privacy.epsilon_budget=%g allows %d of run.rounds=%d rounds; the run will stop there",
                             plan.epsilon_budget, fits, cfg.run.rounds)
-    return RoundPipeline(method, make_combiner(cfg, implied_aggregator(spec, method)), privacy, name=spec.name)
+    if cfg.secagg.enabled:
+        clip, scale = cfg.secagg.resolved(cfg.privacy.clip)
+        distributed = privacy is not None and privacy.plan.site == "distributed"
+        secagg = SecureAggregation(degree=cfg.secagg.degree, threshold=cfg.secagg.threshold, clip=clip, scale=scale,
+                                   noise_multiplier=privacy.plan.noise_multiplier if distributed else 0.0)
+    return RoundPipeline(method, make_combiner(cfg, implied_aggregator(spec, method)), privacy, secagg=secagg,
+                         name=spec.name)

@@ -143,13 +143,19 @@ def build_method(cfg) -> tuple[StrategySpec, Method]:
 def capability_table() -> str:
     """The declared capabilities of every registered strategy as a markdown table
     (ARCHITECTURE.md embeds it; ``stamen list --capabilities`` prints it)."""
+    from stamen.config import StamenConfig
+    from stamen.strategies.preflight import secagg_problems
+
     load_strategy_plugins()
     rows = ["| strategy | aggregates | codecs | privacy sites | robust rules | selection | extra releases | "
-            "client trainer |", "|---|---|---|---|---|---|---|---|"]
+            "client trainer | secure aggregation |", "|---|---|---|---|---|---|---|---|---|"]
     for name, spec in sorted(STRATEGIES.items()):
         c = spec.capabilities
         codecs = "any" if c.codecs is None else (", ".join(c.codecs) if c.codecs else "its own")
+        # what the preflight says of this strategy with its default options under secagg.enabled
+        probe = StamenConfig.model_validate({"strategy": {"name": name}, "secagg": {"enabled": True, "clip": 1.0}})
+        secure = "no" if secagg_problems(probe, spec, spec.factory(parse_options(spec, {}), probe), name) else "yes"
         rows.append(f"| `{name}` | {c.aggregation} | {codecs} | {', '.join(sorted(c.privacy_sites)) or '—'} | "
                     f"{'yes' if c.robust else 'no'} | {c.selection.replace('_', '-')} | "
-                    f"{', '.join(c.extra_releases) or '—'} | {c.trainer} |")
+                    f"{', '.join(c.extra_releases) or '—'} | {c.trainer} | {secure} |")
     return "\n".join(rows) + "\n"

@@ -10,15 +10,28 @@ The sketch is unbiased (E[RᵀR] = I) but noisy: expect about d/s times more rou
 for s/d of the uplink bytes.
 
 ``fetchsgd`` — FetchSGD (Rothchild, Panda, Ullah, Ivkin, Stoica, Braverman, Gonzalez, Arora,
-"FetchSGD: Communication-Efficient Federated Learning with Sketching", ICML 2020). Clients upload CountSketch tables of
-their update under ONE operator for the whole run (the momentum and error tables must live in
-the same sketch space; the strategy tells clients ``codec-round = 0``). Server duty, in sketch
-space: S = Σ w_i·S_i; momentum S_u ← ρ·S_u + S; error accumulation S_e ← S_e + η_g·S_u;
-unsketch the k heavy hitters of S_e (median over rows), apply them as the update, and zero
-S_u and S_e in the buckets of the extracted coordinates (the authors found exact subtraction
-unstable). Momentum and error accumulation are on by default here (``strategy.momentum``,
-``strategy.error_feedback``). No client state on the uplink (the downlink keeps a copy of the
-global model, below).
+"FetchSGD: Communication-Efficient Federated Learning with Sketching", ICML 2020, Algorithm 1).
+Client duty: ONE stochastic gradient step per round (``local_steps = 1``, trainer ``steps``: one
+mini-batch of ``task.batch_size`` at ``task.lr``, so the update is Δ = −lr·g; the paper's clients
+keep no local state and run no local epochs), uploaded as a CountSketch table S(Δ) under ONE
+operator for the whole run (the momentum and error tables must live in the same sketch space;
+the strategy tells clients ``codec-round = 0``). Server duty, in sketch space (Alg. 1): S = Σ w_i·S_i;
+momentum S_u ← ρ·S_u + S; error accumulation S_e ← S_e + η_g·S_u; unsketch the k heavy hitters
+of S_e (median-over-rows estimates), apply them as the update, and zero S_u and S_e in the
+buckets of the extracted coordinates (what the authors' code, kiddyboots216/CommEfficient, does:
+they found subtracting the sketch of the extracted update unstable). Momentum and error
+accumulation are on by default (``strategy.momentum``, ``strategy.error_feedback``). With
+Δ = −lr·g and η_g = 1 the paper's server learning rate is the client's ``task.lr``. No client
+state on the uplink (the downlink keeps a copy of the global model, below).
+
+FetchSGD defaults and the paper (the authors' code defaults, ``parse_args`` in
+``CommEfficient/utils.py``: 5 rows × 500,000 columns, k = 50,000, one local iteration, ResNet-9):
+``rows = 5``; ``ratio = 0.1`` columns per coordinate (a table smaller than the model, as theirs is
+for ResNet-9); ``k`` unset → k = ⌈``k_ratio`` · columns⌉ with ``k_ratio = 0.1`` (their k is
+10 % of their columns); ``local_steps = 1``. An explicit k above the columns per row is logged as
+a warning: a table of c columns cannot tell more than c heavy hitters apart, so the extra
+coordinates are mostly collision noise. ``local_steps = 0`` runs ``task.local_epochs`` epochs
+instead (local SGD, which the paper compares against but FetchSGD does not use).
 
 Downlink (``strategy.downlink``): ``"compressed"`` (default) sends what the paper sends down — for
 ``sketched_fedavg`` the round's mean sketch ȳ_t (s floats; every party de-sketches it with R_tᵀ
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -117,26 +131,17 @@ class SketchMethod(Method):
     def template(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Keys, shapes and dtypes of this codec's payloads for the model (all fp32)."""
         if self._template is None:
-            zero = self.run.codec.encode(torch.zeros(self.run.layout.d), self.ctx(1), {})
-            self._template = {k: (tuple(np.asarray(v).shape), np.asarray(v).dtype) for k, v in sorted(zero.items())}
+            self._template = self.run.codec.template(self.ctx(1))
         return self._template
 
     def contribution_size(self) -> int:
         return int(sum(int(np.prod(shape)) for shape, _ in self.template().values()))
 
     def contribution(self, payload, ctx):
-        template = self.template()
-        Codec.expect_keys(payload, set(template))
-        parts = [Codec.expect(payload, k, dtype=dtype, shape=shape).reshape(-1) for k, (shape, dtype) in template.items()]
-        return torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=True))
+        return torch.from_numpy(Codec.flatten_payload(payload, self.template()))
 
     def unpack(self, vector: torch.Tensor) -> dict[str, np.ndarray]:
-        out, start, array = {}, 0, vector.numpy()
-        for key, (shape, _) in self.template().items():
-            size = int(np.prod(shape))
-            out[key] = array[start:start + size].reshape(shape).astype(np.float32, copy=True)
-            start += size
-        return out
+        return Codec.unflatten_payload(vector.numpy(), self.template())
 
     # -- after the round ------------------------------------------------------------------------
     def after_round(self, server_round, accepted, stepped) -> None:
@@ -193,13 +198,36 @@ class FetchSGD(SketchMethod):
                                 robust=False, notes=SKETCH_SPACE.notes)
     codec_round = 0
 
-    def __init__(self, k: int, momentum: float, error_feedback: bool, server_lr: float, *, rows: int, ratio: float,
-                 downlink: str):
+    def __init__(self, k: int | None, momentum: float, error_feedback: bool, server_lr: float, *, rows: int,
+                 ratio: float, downlink: str, k_ratio: float = 0.1, local_steps: int = 1):
         super().__init__(codec="countsketch", codec_options={"rows": rows, "ratio": ratio}, keys=FETCHSGD_KEYS,
                          downlink=downlink)
         self.k, self.momentum, self.error_feedback, self.server_lr = k, momentum, error_feedback, server_lr
+        self.k_ratio, self.local_steps = float(k_ratio), int(local_steps)
         self.s_u: torch.Tensor | None = None  # momentum table
         self.s_e: torch.Tensor | None = None  # error-accumulation table
+
+    def bind(self, run) -> None:
+        super().bind(run)
+        columns = self.run.codec.sketch_size(self.run.layout.d)
+        if self.k is not None and self.k > columns:
+            log.warning("strategy.k=%d exceeds the %d CountSketch columns per row (strategy.ratio=%s of d=%d): at most "
+                        "%d heavy hitters can be told apart, the rest of the k coordinates are collision noise; unset "
+                        "strategy.k to use k = ceil(strategy.k_ratio × columns)", self.k, columns,
+                        self.codec_options["ratio"], self.run.layout.d, columns)
+
+    def top_k(self) -> int:
+        """k: ``strategy.k`` if set, else ⌈k_ratio · columns⌉ (the paper: 10 % of the columns); at most d."""
+        if self.k is not None:
+            return min(int(self.k), self.run.layout.d)
+        columns = self.run.codec.sketch_size(self.run.layout.d)
+        return max(1, min(math.ceil(self.k_ratio * columns), self.run.layout.d))
+
+    def instructions(self, server_round, arrays):
+        out = super().instructions(server_round, arrays)
+        if self.local_steps > 0:  # one stochastic gradient per client and round (the paper's client)
+            out.update({T.TRAINER: "steps", T.LOCAL_STEPS: self.local_steps})
+        return out
 
     def step(self, server_round, global_arrays, aggregate, total_weight):
         codec, ctx = self.run.codec, self.ctx(server_round)
@@ -212,7 +240,7 @@ class FetchSGD(SketchMethod):
             source = self.s_e
         else:
             source = self.server_lr * self.s_u
-        k = min(self.k, self.run.layout.d)
+        k = self.top_k()
         indices, values = codec.unsketch_topk({codec.payload_key: source.numpy()}, ctx, k)
         buckets = codec.operator(ctx).buckets(indices)  # (rows, k)
         rows = torch.arange(buckets.shape[0]).unsqueeze(1).expand_as(buckets)
@@ -241,7 +269,12 @@ class SketchedOptions(Options):
 
 
 class FetchSGDOptions(Options):
-    k: int = Field(1000, ge=1, description="coordinates unsketched (top-k of the error table) per round")
+    k: int | None = Field(None, ge=1, description="coordinates unsketched (top-k of the error table) per round; "
+                                                 "unset: ceil(k_ratio × columns)")
+    k_ratio: float = Field(0.1, gt=0.0, le=1.0, description="k as a fraction of the CountSketch columns when k is "
+                                                           "unset (the paper: 50,000 of 500,000)")
+    local_steps: int = Field(1, ge=0, description="optimizer steps per client and round (the paper: one stochastic "
+                                                 "gradient); 0: task.local_epochs epochs")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="ρ: server momentum in sketch space (0 = off)")
     error_feedback: bool = Field(True, description="error accumulation in sketch space")
     server_lr: float = Field(1.0, gt=0.0, description="η_g: scales the momentum table into the error table")
@@ -259,7 +292,8 @@ def _make_sketched(options: SketchedOptions, cfg) -> SketchedFedAvg:
 
 def _make_fetchsgd(options: FetchSGDOptions, cfg) -> FetchSGD:
     return FetchSGD(k=options.k, momentum=options.momentum, error_feedback=options.error_feedback,
-                    server_lr=options.server_lr, rows=options.rows, ratio=options.ratio, downlink=options.downlink)
+                    server_lr=options.server_lr, rows=options.rows, ratio=options.ratio, downlink=options.downlink,
+                    k_ratio=options.k_ratio, local_steps=options.local_steps)
 
 
 register_strategy(StrategySpec(

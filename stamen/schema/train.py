@@ -33,6 +33,7 @@ from stamen.schema import (
     SchemaError,
     to_array_record,
 )
+from stamen.schema.secagg import INSTRUCTION_KEYS as SECAGG_KEYS
 
 # -- the client pipeline's own entries --------------------------------------------------------
 CODEC = "codec"  # the codec the reply must be encoded with
@@ -119,6 +120,8 @@ INSTRUCTION_KEYS: dict[str, tuple[type, ...]] = {
 }
 for _prefix in CATCHUP_PREFIXES:
     INSTRUCTION_KEYS.update(CatchUpKeys(_prefix).entries())
+
+INSTRUCTION_KEYS.update(SECAGG_KEYS)  # secure aggregation's entries (stamen/schema/secagg.py)
 
 IDENTITY = (SCHEMA, RUN_ID, NONCE, SERVER_ROUND, PARTITION_ID)
 
