@@ -73,7 +73,7 @@ from stamen.privacy.clipping import geometric_clip_update, l2_clip, update_noise
 from stamen.privacy.noise import NOT_A_GUARANTEE, NoiseSource, noise_source
 from stamen.schema import train as T
 from stamen.strategies.method import Combiner, WeightedMean
-from stamen.strategies.sampling import sample_count
+from stamen.strategies.sampling import sample_count, sorted_ids
 
 if TYPE_CHECKING:  # dp-accounting pulls in scipy (≈1.4 s): imported when a run accounts, not at start-up
     from stamen.privacy.accounting import Accountant
@@ -296,18 +296,18 @@ class PrivacyStage:
         return self.plan.site in ("central", "sketch")
 
     # -- configure --------------------------------------------------------------------------
-    def sample(self, server_round: int, pids: list[int]) -> list[int]:
+    def sample(self, server_round: int, pids) -> list[int]:
         """The round's cohort, from secret randomness (module doc, "sampling")."""
-        pids = sorted(pids)
+        ids = sorted_ids(pids)
         if self.plan.sampling == "poisson":
-            u = self.noise.uniform(len(pids), server_round, "dp-poisson-sample")
-            chosen = [pid for pid, x in zip(pids, u) if x < self.plan.q]
+            u = self.noise.uniform(len(ids), server_round, "dp-poisson-sample")
+            chosen = ids[u < self.plan.q].tolist()
         elif self.plan.sampling == "fixed":
             idx = self.noise.numpy_generator(server_round, "dp-fixed-sample").choice(
-                len(pids), size=self.plan.cohort, replace=False)
-            chosen = sorted(pids[i] for i in idx)
+                len(ids), size=self.plan.cohort, replace=False)
+            chosen = sorted(int(i) for i in ids[idx])
         else:
-            chosen = pids
+            chosen = ids.tolist()
         self.cohort = len(chosen)
         return chosen
 

@@ -95,6 +95,7 @@ class RoundPipeline(Strategy):
         """Wire the pipeline to a federation: partitions → node ids, the model's layout, the
         largest example count each partition may claim, this run's id; build the run's codec."""
         self.seed, self.nodes = seed, dict(sorted(nodes.items()))
+        self.pids = np.fromiter(self.nodes, dtype=np.int64, count=len(self.nodes))  # sorted, made once
         self.bounds = dict(bounds or {})
         self.run_id = run_id or secrets.token_hex(8)
         self.min_replies = int(min_replies)
@@ -102,7 +103,7 @@ class RoundPipeline(Strategy):
         self.wire_codec = self.method.wire_codec or codec.name
         self.run = RunInfo(seed=seed, layout=layout, nodes=self.nodes, codec=codec, fraction_train=fraction_train,
                            fraction_evaluate=fraction_evaluate, rounds=rounds, timeout=timeout,
-                           sample=lambda rnd, fraction, purpose: seeded_sample(seed, rnd, list(self.nodes), fraction,
+                           sample=lambda rnd, fraction, purpose: seeded_sample(seed, rnd, self.pids, fraction,
                                                                                purpose),
                            exchange=self.exchange)
         self.method.bind(self.run)
@@ -119,9 +120,8 @@ class RoundPipeline(Strategy):
         self._grid = grid
         self._global = S.from_array_record(arrays)
         self.method.before_round(server_round, arrays)
-        pids = list(self.nodes)
-        sampled = (self.privacy.sample(server_round, pids) if self.privacy is not None
-                   else seeded_sample(self.seed, server_round, pids, self.run.fraction_train))
+        sampled = (self.privacy.sample(server_round, self.pids) if self.privacy is not None
+                   else seeded_sample(self.seed, server_round, self.pids, self.run.fraction_train))
         chosen = self.method.select(server_round, sampled)
         issue = None
         if self.secagg is not None:  # key exchange and shares; each instruction carries its client's part
@@ -230,7 +230,7 @@ class RoundPipeline(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid) -> list[Message]:
         if self.run.fraction_evaluate <= 0:
             return []
-        pids = seeded_sample(self.seed, server_round, list(self.nodes), self.run.fraction_evaluate, "evaluate")
+        pids = seeded_sample(self.seed, server_round, self.pids, self.run.fraction_evaluate, "evaluate")
         self._eval_issued = Issued(self.run_id, server_round, "evaluate")
         return [Message(content=RecordDict({S.ARRAYS: arrays, S.CONFIG: ConfigRecord(
             {**dict(config), **self._eval_issued.issue(self.nodes[p], p)})}), dst_node_id=self.nodes[p],

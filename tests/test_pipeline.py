@@ -183,6 +183,13 @@ def test_sampling_is_seeded_and_takes_the_fraction():
     assert sample_count(0.1, 30) == 3 and sample_count(0.01, 30) == 1 and sample_count(1.0, 7) == 7
     s = bound_strategy(fraction=0.5)
     assert sorted(dict(m.content.config_records[P.CONFIG])[P.PARTITION_ID] for m in configure(s, 3)) == a
+    # the same draw from any order of the ids, a list or the array the pipeline keeps (sorted once)
+    import numpy as np
+
+    ids = np.arange(1000, dtype=np.int64) * 3
+    want = seeded_sample(7, 2, [int(i) for i in ids[::-1]], 0.05)
+    assert seeded_sample(7, 2, ids, 0.05) == want == seeded_sample(7, 2, np.random.permutation(ids), 0.05)
+    assert len(want) == 50 and set(want) <= set(ids.tolist()) and want == sorted(want)
 
 
 def test_state_dict_round_trip_keeps_server_optimizer_state():
