@@ -13,7 +13,7 @@ Gaussian noise, z = 1, C = 1) and with distributed DP (``privacy.site = "distrib
 client adds discrete Gaussian shares before masking, the same z and C). Every client every round
 and ``privacy.sampling = "none"`` so that the ε columns compare the noise alone (no sampling
 credit). Without DP, secure aggregation clips at ``secagg.clip = 10`` (the field must bound every
-payload; digits' updates are smaller, so nothing is clipped). Reported per point (mean ± sd over
+payload). Reported per point (mean ± sd over
 seeds): final accuracy, ε at δ = 1e-5, uplink bytes per client per round (the payload the server
 receives: masked field elements under SecAgg), the protocol's own bytes and messages per round
 (keys, shares, unmasking), median round time.
