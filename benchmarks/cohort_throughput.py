@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,26 +134,10 @@ METRICS = ("startup_s", "median_round_s", "updates_per_s", "final_test_accuracy"
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for n in sorted({r["clients"] for r in runs}):
-        for system in SYSTEMS:
-            mine = [r for r in runs if r["clients"] == n and r["system"] == system]
-            if not mine:
-                continue
-            ok = [r for r in mine if r["status"] == "ok"]
-            row: dict[str, Any] = {"clients": n, "system": system, "runs": len(mine), "ok_runs": len(ok),
-                                   "rounds": mine[0]["rounds"]}
-            for key in METRICS:
-                vals = [r[key] for r in ok if r.get(key) is not None]
-                row[key] = (max if key == "peak_processes" else statistics.median)(vals) if vals else None
-            if not ok:
-                row["status"] = mine[-1]["status"]
-            rows.append(row)
+    """The throughput benchmark's summary (medians, × the bare loop), plus vectorised ÷ loop per pair."""
+    rows = S.summarize(runs, SYSTEMS, METRICS, floors=("bare", "bare-ondemand"))
+    for n in sorted({r["clients"] for r in rows}):
         mine = {r["system"]: r for r in rows if r["clients"] == n}
-        floor = mine.get("bare") or mine.get("bare-ondemand")
-        for row in mine.values():
-            base = floor and floor["median_round_s"]
-            row["round_vs_bare"] = row["median_round_s"] / base if base and row["median_round_s"] else None
         for vec, loop in PAIRS:
             if vec in mine and loop in mine and mine[vec]["median_round_s"] and mine[loop]["median_round_s"]:
                 mine[vec]["round_vs_loop"] = mine[vec]["median_round_s"] / mine[loop]["median_round_s"]

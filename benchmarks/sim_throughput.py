@@ -305,23 +305,27 @@ METRICS = ("startup_s", "median_round_s", "updates_per_s", "samples_per_s", "fin
            "peak_pss_mib", "peak_processes", "total_s")
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(runs: list[dict[str, Any]], systems=None, metrics=None,
+              floors: tuple[str, ...] = ("bare",)) -> list[dict[str, Any]]:
+    """Medians per (N, system) over the ok runs (max for the process count), and each row's round
+    time relative to the first of ``floors`` that ran at that N (``round_vs_bare``)."""
+    systems, metrics = systems or SYSTEMS, metrics or METRICS
     rows = []
     for n in sorted({r["clients"] for r in runs}):
-        for system in SYSTEMS:
+        for system in systems:
             mine = [r for r in runs if r["clients"] == n and r["system"] == system]
             if not mine:
                 continue
             ok = [r for r in mine if r["status"] == "ok"]
             row: dict[str, Any] = {"clients": n, "system": system, "runs": len(mine), "ok_runs": len(ok),
                                    "rounds": mine[0]["rounds"]}
-            for key in METRICS:
+            for key in metrics:
                 vals = [r[key] for r in ok if r.get(key) is not None]
                 row[key] = (max if key == "peak_processes" else statistics.median)(vals) if vals else None
             if not ok:
                 row["status"] = mine[-1]["status"]
             rows.append(row)
-        bare = next((r for r in rows if r["clients"] == n and r["system"] == "bare"), None)
+        bare = next((r for f in floors for r in rows if r["clients"] == n and r["system"] == f), None)
         for row in rows:
             if row["clients"] == n:
                 base = bare and bare["median_round_s"]
