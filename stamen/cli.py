@@ -57,7 +57,7 @@ def run(
                                "this process, the cohort trained as one computation: the fastest start and the "
                                "least memory on one machine; identical metrics)."),
 ) -> None:
-    """Run one federation in simulation and write its results directory."""
+    """Run one federation (simulated on Ray, or in this process: --engine inprocess); write its results directory."""
     from stamen import config as C
     from stamen.experiment import preflight, simulate
     from stamen.server.app import default_out_dir
