@@ -178,7 +178,8 @@ def _print_summary(summary: dict, out_dir: Path) -> None:
         if key in ("epsilon", "delta") and key not in summary:
             continue
         v = summary.get(key)
-        table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
+        small = isinstance(v, float) and 0 < abs(v) < 1e-3  # δ = 1e-5 is not "0.0000"
+        table.add_row(key, (f"{v:.3g}" if small else f"{v:.4f}") if isinstance(v, float) else str(v))
     console.print(table)
     for line in summary_lines(summary):
         console.print(f"[bold yellow]{line}[/]" if line.startswith("WARNING") else line)
