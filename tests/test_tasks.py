@@ -127,6 +127,14 @@ def test_hub_loader_reads_a_local_copy(tmp_path):
 def test_hub_loader_without_network_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the libraries read these at import: if an earlier test imported them, set their constants too
+    # (otherwise the hub is dialled and the test waits on network timeouts)
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     cfg = task_cfg("task.dataset=cifar10", f"task.data_dir={str(tmp_path)!r}")
     with pytest.raises(DataError, match="local copy"):
         load_federated_data(cfg, 3, 0)
