@@ -347,11 +347,7 @@ class PrivacyStage:
         if not self.central:
             self.last_noise_std = sum_noise_std / max(survivors, 1)
             return total / max(survivors, 1)
-        std = self.plan.update_noise_multiplier * sensitivity if self.plan.noise_multiplier > 0 else 0.0
-        self.last_noise_std = std / self.plan.denominator
-        if std > 0:
-            total = total + self.noise.gaussian(total.numel(), std, server_round, f"dp-{self.plan.site}-noise")
-        return total / self.plan.denominator
+        return self._noisy_sum(server_round, sensitivity).combine([total], [1.0], total.numel())
 
     # -- aggregate --------------------------------------------------------------------------
     def privatize(self, accepted: list) -> list[float]:
@@ -371,9 +367,13 @@ class PrivacyStage:
         if not self.central:
             self.last_noise_std = 0.0
             return WeightedMean()  # local DP: the plain mean over replies (post-processing)
+        return self._noisy_sum(server_round, self.clip)
+
+    def _noisy_sum(self, server_round: int, sensitivity: float | None) -> NoisySum:
+        """The central sites' release: Σ/D + N(0, (z·Δ₂/D)²), Δ₂ the sensitivity of one client's term."""
         std = 0.0
-        if self.plan.noise_multiplier > 0 and self.clip is not None:
-            std = self.plan.update_noise_multiplier * self.clip / self.plan.denominator
+        if self.plan.noise_multiplier > 0 and sensitivity is not None:
+            std = self.plan.update_noise_multiplier * sensitivity / self.plan.denominator
         self.last_noise_std = std
         return NoisySum(self.plan.denominator, std, self.noise, (server_round, f"dp-{self.plan.site}-noise"))
 

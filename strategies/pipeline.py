@@ -172,13 +172,19 @@ class RoundPipeline(Strategy):
                                 "unchanged", server_round, combiner.name, len(used))
             except PayloadError as err:  # finite inputs whose aggregate overflows or does not decode
                 log.warning("round %d failed: %s; the global model is unchanged", server_round, err)
+        metrics = None if self.privacy is not None else _weighted_metrics(accepted)
+        return self._finish(server_round, accepted, new, metrics)
+
+    def _finish(self, server_round: int, accepted: list[Reply], new, metrics: MetricRecord | None
+                ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's end, whatever aggregated: a non-finite model is dropped, the method and the privacy
+        stage record the round."""
         if new is not None and not all(np.isfinite(a).all() for a in new.values()):
             log.warning("round %d: the update overflows; the global model is unchanged", server_round)
             new = None
         self.method.after_round(server_round, accepted, new)
         if self.privacy is not None:
             self.privacy.after_round(server_round, self.last_participants)
-        metrics = None if self.privacy is not None else _weighted_metrics(accepted)
         return (None if new is None else S.to_array_record(new)), metrics
 
     def _secure_round(self, server_round: int, accepted: list[Reply], rejected: int
@@ -201,12 +207,7 @@ class RoundPipeline(Strategy):
                 new = self.method.step(server_round, self._global, aggregate, float(survivors))
             except PayloadError as err:
                 log.warning("round %d failed: %s; the global model is unchanged", server_round, err)
-        if new is not None and not all(np.isfinite(a).all() for a in new.values()):
-            new = None
-        self.method.after_round(server_round, accepted, new)
-        if self.privacy is not None:
-            self.privacy.after_round(server_round, self.last_participants)
-        return (None if new is None else S.to_array_record(new)), None
+        return self._finish(server_round, accepted, new, None)
 
     def accept(self, replies: list[Message], issued: Issued, *, codec: str | None,
                required: tuple[str, ...] = (), decode: Callable[[Reply], Any] | None = None) -> Verdict:

@@ -101,7 +101,7 @@ class SecureAggregation:
         t = self.threshold(degree + 1)
         sigma = self.sigma_client(t)
         bits = field_bits(len(pids), self.clip, self.scale, sigma)
-        params = {A.BITS: bits, A.SCALE: self.scale, A.CLIP: self.clip, A.NOISE_STD: sigma, A.THRESHOLD: t}
+        params = {A.BITS: bits, A.SCALE: self.scale, A.CLIP: self.clip, A.NOISE_STD: sigma}
         self._round = {"graph": graph, "t": t, "bits": bits, "sigma": sigma, "bytes": 0, "messages": 0}
         keys = self._query(server_round, A.KEYS_QUERY, pids, lambda pid: {})
         pk = {r.pid: (bytes(r.message.content.config_records[A.RECORD][A.PK_C]),
@@ -126,12 +126,10 @@ class SecureAggregation:
             log.warning("round %d: only %d clients completed the key exchange, fewer than the threshold %d",
                         server_round, len(self._round["shared"]), t)
             return None
-        entries = {}
+        entries = {}  # the client kept its neighbours and their keys at step 2: only the field and its shares
         for pid in self._round["shared"]:
             incoming = [(s, c) for s, c in routed[pid] if s in self._round["shared"]]
-            entries[pid] = {**params, A.NEIGHBOURS: graph[pid], A.PK_C: [pk[v][0] for v in graph[pid]],
-                            A.PK_S: [pk[v][1] for v in graph[pid]], A.SENDERS: [s for s, _ in incoming],
-                            A.CIPHERTEXTS: [c for _, c in incoming]}
+            entries[pid] = {**params, A.SENDERS: [s for s, _ in incoming], A.CIPHERTEXTS: [c for _, c in incoming]}
         return entries
 
     def _query(self, server_round: int, kind: str, pids: list[int], extra) -> list:
