@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stamen.client.trainers import TrainJob, TrainSettings, epoch_batches
+from stamen.client.trainers import TrainJob, TrainSettings, shuffled_epochs
 
 log = logging.getLogger("stamen.client")
 
@@ -156,7 +156,6 @@ class StackedForward:
                                       f"p={m.p}): the loop's draws from the global RNG cannot be reproduced")
             if isinstance(m, nn.modules.batchnorm._NormBase):
                 raise NotVectorisable(f"model {type(model).__name__} has {type(m).__name__}")
-        self.model = model
         self.names = [n for n, _ in model.named_parameters()]
         chain = _chain_of(model)
         self.ops = None if chain is None else self._compile(chain)
@@ -194,7 +193,10 @@ class StackedForward:
                     return None  # an unknown layer: let torch.func handle the whole model
         return ops
 
-    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, params: dict[str, torch.Tensor], x: torch.Tensor, tape: list | None = None) -> torch.Tensor:
+        """Logits (k, batch, …) of the k stacked clients. ``tape``: a list that receives what the
+        hand-written backward of :meth:`cross_entropy_grads` needs (inputs of Linear layers, shapes
+        before Flatten, ReLU outputs)."""
         if self.ops is None:
             return self._vmapped(params, x)
         k, b = x.shape[0], x.shape[1]
@@ -208,6 +210,8 @@ class StackedForward:
                     y = torch.bmm(x3, w.transpose(1, 2))
                 else:
                     y = torch.baddbmm(params[op[2]].unsqueeze(1), x3, w.transpose(1, 2))
+                if tape is not None:
+                    tape.append((op, x3, shape))
                 x = y.reshape(*shape[:-1], w.shape[1])
             elif kind == "conv2d":
                 w = params[op[1]]
@@ -218,10 +222,14 @@ class StackedForward:
                              groups=k)
                 x = y.reshape(b, k, w.shape[1], y.shape[2], y.shape[3]).transpose(0, 1)
             elif kind == "flatten":
+                if tape is not None:
+                    tape.append((op, x.shape))
                 start, end = op[1], op[2]
                 x = x.flatten(start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
             elif kind == "apply":
                 x = op[1](x)
+                if tape is not None and type(op[1]) is nn.ReLU:
+                    tape.append((op, x))
             else:  # per_example: a layer that treats dim 0 as the batch
                 y = op[1](x.reshape(k * b, *x.shape[2:]))
                 x = y.reshape(k, b, *y.shape[1:])
@@ -235,24 +243,8 @@ class StackedForward:
         None if the logits are not (k, batch, classes). Same arithmetic as autograd's backward of
         ``baddbmm`` / ``relu`` / ``cross_entropy``: softmax − one-hot, then the chain rule per layer."""
         k = x.shape[0]
-        tape = []
-        for op in self.ops:
-            kind = op[0]
-            if kind == "linear":
-                w = params[op[1]]
-                shape = x.shape
-                x3 = x.reshape(k, -1, shape[-1])
-                out = (torch.bmm(x3, w.transpose(1, 2)) if op[2] is None
-                       else torch.baddbmm(params[op[2]].unsqueeze(1), x3, w.transpose(1, 2)))
-                tape.append((op, x3, shape))
-                x = out.reshape(*shape[:-1], w.shape[1])
-            elif kind == "flatten":
-                tape.append((op, x.shape))
-                start, end = op[1], op[2]
-                x = x.flatten(start + 1 if start >= 0 else start, end + 1 if end >= 0 else end)
-            elif type(op[1]) is nn.ReLU:
-                x = torch.relu(x)
-                tape.append((op, x))
+        tape: list = []
+        x = self(params, x, tape)  # the same forward, recording what the backward below needs
         if x.dim() != 3:
             return None
         logp = torch.log_softmax(x, -1)
@@ -339,8 +331,7 @@ class StackedLoss:
         """The client's index batches, in order, drawn from its generator: by default the loop's
         (``shuffled_epochs``: ``epochs`` shuffled passes of ``batch_size``). A trainer that orders or
         paces its data differently overrides this with its own loop's batches."""
-        s = job.settings
-        return [b for _ in range(s.epochs) for b in epoch_batches(len(job.y), s.batch_size, job.generator)]
+        return list(shuffled_epochs(len(job.y), job.settings, job.generator))
 
     def prepare(self, jobs: Sequence[LocalJob]) -> None:
         """Per-stack state (e.g. per-client generators), jobs in stack order."""
