@@ -144,12 +144,12 @@ def handle_pack(cfg: StamenConfig, msg: Message, context: Context) -> Message:
             message_type=str(e["type"]), src_task_id=meta.src_task_id, dst_task_id=meta.dst_task_id))
         items.append((own, virtual_context(context.run_id, int(e["node"]), pid, cfg.federation.clients,
                                            states.get(pid), context.run_config)))
+    held = {pid: list(state.keys()) for pid, state in states.items()}  # before the handlers grow them
     replies = run_clients(cfg, items, deadline_s)
     for _, ctx in items:
         pid = int(ctx.node_config["partition-id"])
-        # ctx.state may be states[pid] itself, grown by the handler: drop the keys the carrier holds
-        for key in [k for k in context.state.keys() if k.startswith(_state_key(pid, ""))]:
-            del context.state[key]
+        for name in held.get(pid, ()):  # the carrier's copy of what this client held; its new state follows
+            del context.state[_state_key(pid, name)]
         for name, record in ctx.state.items():
             context.state[_state_key(pid, name)] = record
     return Message(content=P.pack_replies(replies), reply_to=msg)
