@@ -398,8 +398,6 @@ class ClientAppRunner:
         self._worker: _Worker | None = None
         self._restart_pause = 0.0
         self._thread: threading.Thread | None = None
-        self.served = 0
-        self.last_timing: dict[str, float] = {}
 
     # -- worker lifecycle ------------------------------------------------------------------
     def _start_own_zygote(self) -> str:
@@ -477,10 +475,6 @@ class ClientAppRunner:
                 self._stop.wait(self._restart_pause)
         self._worker = self._spawn()
         return self._worker
-
-    @property
-    def worker_pid(self) -> int | None:
-        return self._worker.pid if self._worker is not None else None
 
     def _recv(self, worker: _Worker) -> tuple[dict[str, Any], dict[str, bytes]]:
         try:
@@ -577,7 +571,8 @@ class ClientAppRunner:
             options = object_pull_options()
             if self.pull_max_s is not None:
                 options["max_time"] = self.pull_max_s
-            contents = pull_objects([t.object_id for t in iterate_object_tree(tree)],
+            object_ids = [t.object_id for t in iterate_object_tree(tree)]
+            contents = pull_objects(object_ids,
                                     make_pull_object_fn_protobuf(client.PullObject, node, context.run_id), **options)
             make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id)(
                 tree.object_id)
@@ -615,13 +610,9 @@ class ClientAppRunner:
             self.on_reply()
             t_pushed = time.perf_counter()
             push_task_output(client, new_context, header["status"], header["details"])
-            self.served += 1
-            self.last_timing = {"pull_s": t_pulled - t0, "to_worker_s": t_sent - t_pulled, "worker_s": t_back - t_sent,
-                                "app_s": header["seconds"], "push_s": t_pushed - t_back,
-                                "total_s": time.perf_counter() - t0, "objects": len(list(iterate_object_tree(tree)))}
             _log(INFO, "%s message served by ClientApp worker %d in %.2f s (pull %.2f s for %d objects, worker %.2f s "
                  "of which app %.2f s (CPU %.2f s), push %.2f s)", message.metadata.message_type, header["pid"],
-                 self.last_timing["total_s"], t_pulled - t0, self.last_timing["objects"], t_back - t_sent,
+                 time.perf_counter() - t0, t_pulled - t0, len(object_ids), t_back - t_sent,
                  header["seconds"], header["cpu_s"], t_pushed - t_back)
         except (Exception, RunNotRunningException) as err:  # the task failed (API error, token revoked, run
             _log(ERROR, "task %d failed: %s", task.task_id, err or type(err).__name__)  # stopped): keep serving

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from stamen.deploy import pacing, spec
 from stamen.deploy.certs import CertPaths, make_certificates
-from stamen.deploy.procs import NAME_VAR, TAG_VAR, ProcessGroup, _environ, tagged_pids
+from stamen.deploy.procs import ProcessGroup, tagged_pids
 from stamen.deploy.proxy import DOWN, UP, ByteCountingProxy, split_traffic
 
 

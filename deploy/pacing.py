@@ -160,8 +160,16 @@ def install_fast_object_pulls(module) -> None:
     module.pull_objects = pull_objects
 
 
+def _unfinished_tasks(state):
+    """The SuperNode's tasks not yet finished (Flower's state keeps every task it ever had: asking for
+    all of them on each poll would copy a list that grows with every message)."""
+    from flwr.common.constant import Status
+
+    return state.get_tasks(statuses=[Status.PENDING, Status.STARTING, Status.RUNNING])
+
+
 def _task_ids(state) -> set[int] | None:
-    return None if state is None else {t.task_id for t in state.get_tasks()}
+    return None if state is None else {t.task_id for t in _unfinished_tasks(state)}
 
 
 def _drop_orphaned_tasks(state, object_store, before: set[int]) -> None:
@@ -176,10 +184,10 @@ def _drop_orphaned_tasks(state, object_store, before: set[int]) -> None:
     whether or not a runner has already claimed it: it is marked failed (revoking its token),
     its run's unread messages are removed.
     """
-    from flwr.common.constant import Status, SubStatus
+    from flwr.common.constant import SubStatus
 
-    for task in state.get_tasks():
-        if task.task_id in before or task.status.status == Status.FINISHED:
+    for task in _unfinished_tasks(state):
+        if task.task_id in before:
             continue
         state.finish_task(task.task_id, sub_status=SubStatus.FAILED,
                           details="the run stopped while its message was being received")

@@ -55,7 +55,7 @@ def _runtime_api(flower_args: list[str]) -> tuple[str, bytes | None]:
 
 def with_isolation_process(flower_args: list[str]) -> list[str]:
     out, skip = [], False
-    for i, a in enumerate(flower_args):
+    for a in flower_args:
         if skip:
             skip = False
             continue

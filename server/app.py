@@ -41,7 +41,7 @@ from stamen import schema as P
 from stamen.config import StamenConfig, from_flat
 from stamen.deploy import envelope, pacing
 from stamen.deploy.spec import deployed_supernodes
-from stamen.server.loop import run_federation
+from stamen.server.loop import JOIN_TIMEOUT_S, run_federation
 from stamen.server.results import RunDirectory
 from stamen.server.virtual_grid import VirtualGrid
 
@@ -60,19 +60,16 @@ class ReplyPolling:
     id, which the replies answer; replies come back unsealed.
     """
 
-    def __init__(self, grid, poll: pacing.Backoff | None = None, *, seal: bool = True):
+    def __init__(self, grid, poll: pacing.Backoff | None = None):
         self._grid = grid
         self.poll = poll or pacing.Backoff(pacing.SERVER_POLL_MIN_S, pacing.SERVER_POLL_MAX_S,
                                            pacing.SERVER_POLL_FACTOR)
-        self.seal = seal
         self.sealing_nodes: set[int] = set()  # nodes that answered sealed: their runner unseals too
         self._request = envelope.seal_request()
         #: per call: messages, seconds to push them, to the first and the last reply, polls, seconds pulling
         self.calls: list[dict[str, float]] = []
 
     def _outgoing(self, messages: list[Message]) -> list[Message]:
-        if not self.seal:
-            return messages
         uses: dict[int, int] = {}
         size: dict[int, int] = {}
         for m in messages:
@@ -190,8 +187,6 @@ class DeployedCarriers(VirtualGrid):
         msgs = [Message(content=RecordDict({P.CONFIG: ConfigRecord({P.SCHEMA: P.SCHEMA_VERSION})}),
                         message_type=MessageType.QUERY, dst_node_id=nid) for nid in ids]
         order: dict[int, int] = {}
-        from stamen.server.loop import JOIN_TIMEOUT_S
-
         for reply in self._grid.send_and_receive(msgs, timeout=min(self.wait_s, JOIN_TIMEOUT_S)):
             node = reply.metadata.src_node_id
             if reply.has_error():
