@@ -40,6 +40,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -140,6 +142,25 @@ def object_pull_options() -> dict[str, Any]:
             "max_tries_per_object": None}
 
 
+#: monotonic time after which an object pull in this context gives up (None: Flower's 2 h)
+_PULL_DEADLINE: ContextVar[float | None] = ContextVar("stamen_object_pull_deadline", default=None)
+
+
+@contextmanager
+def object_pull_deadline(deadline: float | None):
+    """Object pulls made inside this block (by a wrapped ``pull_objects``) give up at ``deadline``
+    (``time.monotonic()``), with Flower's ``ObjectPullError``, instead of after Flower's 7,200 s.
+
+    A reply is listed by the SuperLink as soon as its sender registers it, before its arrays
+    are uploaded; a sender that dies in between leaves a reply whose objects never come, and
+    Flower's grid would wait on it for two hours, holding every other reply behind it."""
+    token = _PULL_DEADLINE.set(deadline)
+    try:
+        yield
+    finally:
+        _PULL_DEADLINE.reset(token)
+
+
 def install_fast_object_pulls(module) -> None:
     """Make ``module``'s calls of Flower's ``pull_objects`` retry unavailable objects quickly.
 
@@ -147,13 +168,17 @@ def install_fast_object_pulls(module) -> None:
     then 2, 4, … 10 s; a receiver that polls quickly finds messages that early, so that wait
     would land on every round. Used for ``flwr.supernode.start_client_internal`` (a SuperNode
     pulling from the SuperLink) and ``flwr.superlink.grid.http_grid`` (the ServerApp pulling
-    replies); it changes nothing else about the call.
+    replies); inside :func:`object_pull_deadline` the pull also gives up at that deadline.
+    It changes nothing else about the call.
     """
     original = getattr(module.pull_objects, "__wrapped__", module.pull_objects)
 
     def pull_objects(*args, **kwargs):
         for key, value in object_pull_options().items():
             kwargs.setdefault(key, value)
+        deadline = _PULL_DEADLINE.get()
+        if deadline is not None:
+            kwargs.setdefault("max_time", max(0.0, deadline - time.monotonic()))
         return original(*args, **kwargs)
 
     pull_objects.__wrapped__ = original  # type: ignore[attr-defined]

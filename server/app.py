@@ -121,9 +121,11 @@ class ReplyPolling:
         end = None if timeout is None else t0 + timeout
         replies: list[Message] = []
         self.poll.reset()
+        last = False
         while pending:
             a = time.monotonic()
-            got = list(self._grid.pull_messages(pending))
+            with pacing.object_pull_deadline(end):  # a reply whose upload never ends holds no one past the end
+                got = list(self._grid.pull_messages(pending))
             b = time.monotonic()
             stats["polls"] += 1
             stats["pull_s"] += b - a
@@ -133,13 +135,14 @@ class ReplyPolling:
                 stats["last_reply_s"] = b - pushed
             replies.extend(self._incoming(got))
             pending -= {m.metadata.reply_to_message_id for m in got}
-            if not pending:
+            if not pending or last:
                 break
             wait = self.poll.next()
             if end is not None:
                 left = end - time.monotonic()
-                if left <= 0:
-                    break
+                if left <= 0:  # one last pull: replies that came in while the previous pull waited
+                    last = True
+                    continue
                 wait = min(wait, left)
             time.sleep(wait)
         return replies

@@ -21,6 +21,7 @@ import threading
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tomli_w
@@ -740,6 +741,98 @@ def test_reply_polling_asks_for_sealed_replies_then_seals_what_it_sends(task_ide
     assert all(m.content["arrays"] is weights for m in grid.pushed[4:])
 
 
+class _FakeLink:
+    """Flower's real ``HttpGrid.pull_messages`` against an in-memory SuperLink: a reply is listed as soon as
+    its sender registers it; its arrays are served only once ``uploaded`` (a sender killed in between never
+    uploads them). Replies in ``later`` become visible ``delay`` seconds after the push."""
+
+    def __init__(self, answer, broken_nodes=(), later=(), delay=0.3):
+        self.answer, self.broken, self.later, self.delay = answer, set(broken_nodes), set(later), delay
+        self.replies: list = []  # (visible at, reply)
+        self.objects: dict[str, bytes] = {}
+        self.missing: set[str] = set()
+
+    def register(self, msg):
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        reply = self.answer(msg)
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        objects = get_all_nested_objects(reply)
+        self.objects.update({i: o.deflate() for i, o in objects.items()})
+        if msg.metadata.dst_node_id in self.broken:  # registered, then the sender died: arrays never uploaded
+            self.missing.update(i for i in objects if i != reply.object_id)
+        visible = time.monotonic() + (self.delay if msg.metadata.dst_node_id in self.later else 0.0)
+        self.replies.append((visible, reply))
+
+    def PullMessages(self, request):
+        from flwr.common.serde import message_to_proto
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse  # pylint: disable=E0611
+        from flwr.supercore.inflatable.inflatable_object import get_object_tree
+
+        now, ids = time.monotonic(), set(request.message_ids)
+        out = [r for t, r in self.replies if t <= now and r.metadata.reply_to_message_id in ids]
+        self.replies = [(t, r) for t, r in self.replies if r not in out]  # delivered once, as Flower does
+        return PullAppMessagesResponse(messages_list=[message_to_proto(r) for r in out],
+                                       message_object_trees=[get_object_tree(r) for r in out])
+
+    def PullObject(self, request):
+        from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
+
+        available = request.object_id not in self.missing
+        return PullObjectResponse(object_found=request.object_id in self.objects, object_available=available,
+                                  object_content=self.objects[request.object_id] if available else b"")
+
+    def ConfirmMessageReceived(self, request):
+        return None
+
+
+def test_a_reply_whose_upload_never_ends_holds_the_round_only_until_its_deadline(task_identity, monkeypatch):
+    """A SuperNode killed between registering its reply and uploading its arrays: Flower's grid would
+    wait 7,200 s on those arrays, holding the replies behind it. Stamen's pull gives up at the round's
+    deadline: that reply becomes an error reply, and replies that arrived meanwhile are all collected."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+    from flwr.superlink.grid import http_grid
+
+    from stamen import schema as S
+    from stamen.deploy import pacing
+    from stamen.server.app import ReplyPolling
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
+    pacing.install_fast_object_pulls(http_grid)  # as the ServerApp does
+    link = _FakeLink(_discovery_answer({11: 0, 12: 1, 13: 2}), broken_nodes=[12], later=[13])
+
+    class Grid(http_grid.HttpGrid):
+        _runtime_client = link  # no SuperLink connection: the fake link answers the runtime calls
+
+        def __init__(self):
+            self._run, self.node = SimpleNamespace(run_id=1), Node(node_id=1)
+
+        def push_messages(self, messages):
+            ids = []
+            for m in messages:
+                m.metadata.__dict__["_message_id"] = m.object_id
+                link.register(m)
+                ids.append(m.metadata.message_id)
+            return ids
+
+    sent = [Message(RecordDict({S.CONFIG: ConfigRecord({S.SCHEMA: S.SCHEMA_VERSION})}), n, MessageType.QUERY)
+            for n in (11, 12, 13)]
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(ReplyPolling(Grid()).send_and_receive(sent, timeout=2.0)),
+                              daemon=True)
+    t0 = time.monotonic()
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the round waited on a reply whose arrays never come"
+    assert time.monotonic() - t0 < 10
+    by_node = {m.metadata.dst_node_id: m.metadata.message_id for m in sent}
+    replies = {r.metadata.reply_to_message_id: r for r in out[0]}
+    assert set(replies) == set(by_node.values())  # nothing missing: the late reply (node 13) was collected
+    assert replies[by_node[12]].has_error() and "unavailable" in replies[by_node[12]].error.reason
+    assert [replies[by_node[n]].content[S.META][S.PARTITION_ID] for n in (11, 13)] == [0, 2]
+
+
 def test_deployed_carriers_map_partitions_to_supernodes_by_their_partition_id(task_identity):
     from stamen.server.app import DeployedCarriers, ReplyPolling
 
@@ -924,7 +1017,8 @@ def test_clients_without_the_ca_cannot_connect(federation, tmp_path):
 @pytest.mark.slow
 def test_killed_supernode_run_finishes_and_the_node_rejoins(federation, tmp_path):
     """Kill SuperNode 1 while it trains in round 2: round 2 closes with 2 replies (the SuperLink
-    answers "Node Unavailable" once 2 heartbeats are missed, or the round times out — never later),
+    answers "Node Unavailable" once 2 heartbeats are missed; killed while uploading, its reply's arrays
+    never come and the pull gives up at the round timeout — never later),
     and the node, restarted with the same key (so the same node id), is sampled again: every round
     that starts after it is back has all 3 replies."""
     fed = federation
@@ -957,7 +1051,8 @@ def test_killed_supernode_run_finishes_and_the_node_rejoins(federation, tmp_path
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
     assert rows[0]["clients"] == NODES
     r2 = rows[1]
-    assert r2["clients"] == NODES - 1 and r2["missing"] + r2["rejected"] == 1, r2
+    assert r2["clients"] == NODES - 1 and r2["missing"] + r2["rejected"] == 1, (
+        r2, [line for line in res.log.splitlines() if "round 2" in line])
     assert r2["wall_s"] < timeout_s + 60  # a dead node cannot hold a round past the round timeout
     assert not any(r["failed"] for r in rows)
     back = [i for i, t0 in enumerate(starts) if t0 > rejoined_at[0]]
