@@ -8,7 +8,9 @@ interval                              Flower 1.39  Stamen deployment (``stamen d
 ServerApp grid waits for replies      3 s fixed    :class:`Backoff` 0.01 → 0.25 s (server/app.py)
 a message's objects not uploaded yet  1 s → 10 s   0.01 → 0.5 s, ×2 (:func:`install_fast_object_pulls`:
 (receiver retries ``PullObject``)     ×2           SuperNode from SuperLink, ServerApp from SuperLink,
-                                                   ClientApp runner from SuperNode)
+                                                   ClientApp runner from SuperNode); the
+                                                   ServerApp gives up at the round's deadline
+                                                   (:func:`object_pull_deadline`), Flower after 2 h
 SuperNode asks the SuperLink for work 3 s fixed    :class:`Backoff` 0.05 → 3 s, ×1.5, reset by a
                                                    message (:func:`install_supernode_pacing`)
 SuperNode waits for its ClientApp     0.5 s        woken by the ClientApp runner as soon as the
