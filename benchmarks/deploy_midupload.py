@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         before = fed.log_count("supernode-1", SERVED)
         handle = fed.submit(cfg, work / "run")
         t0 = time.monotonic()
+        deadline = t0 + 2 * args.round_timeout + 600  # start-up, then rounds 1 and 2
         while fed.log_count("supernode-1", SERVED) < before + 2:  # round 2's reply leaves the runner
+            if time.monotonic() > deadline or handle.popen.poll() is not None:  # stuck, or the run ended
+                print(f"round 2's reply never left SuperNode 1's runner; logs in {work}")
+                return 1
             time.sleep(0.01)
         fed.kill_supernode(1)
         print(f"SuperNode 1 killed {time.monotonic() - t0:.1f} s after the run was submitted")
